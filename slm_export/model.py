@@ -1,0 +1,237 @@
+"""A nanoGPT-style GPT with two cache paths for fast decoding.
+
+Three ways to run the same weights:
+- ``forward(idx, targets=None)``: the training / full-recompute path (causal SDPA).
+- ``forward_kv(idx, kv)``: functional KV cache. ``kv`` holds the keys and values of the
+  previous positions, shape (n_layer, 2, B, n_head, P, head_dim), P >= 0; it returns the
+  last-position logits and the grown cache. Pure tensors in and out, so it traces and
+  exports (TorchScript, ONNX) with dynamic batch, sequence and past lengths.
+- ``forward_static(idx, input_pos, caches)``: a preallocated cache (``KVCache``) written in
+  place at ``input_pos``; shapes never change, which is what ``torch.compile`` and CUDA
+  graphs want.
+All three share the blocks below; only where keys/values come from differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from slm_export.config import GPTConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer, updated in place (gpt-fast style)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,), k/v: (B, nh, T, hs)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class _GrowingCache:
+    """Functional cache for one layer: concatenates the past with the new keys/values."""
+
+    def __init__(self, past: torch.Tensor):
+        self.past = past  # (2, B, nh, P, hs)
+        self.present: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        k = torch.cat([self.past[0], k], dim=2)
+        v = torch.cat([self.past[1], v], dim=2)
+        self.present = torch.stack([k, v])
+        return k, v
+
+
+class _StaticSlot:
+    """Binds one layer's KVCache to the positions being written this call."""
+
+    def __init__(self, cache: KVCache, input_pos: torch.Tensor):
+        self.cache, self.input_pos = cache, input_pos
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return self.cache.update(self.input_pos, k, v)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, S, hs), S >= T
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameter count; the tied embedding / lm_head matrix is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _hidden(self, idx: torch.Tensor, pos: torch.Tensor, caches=None, mask=None):
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if caches is None else caches[i], mask)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) -> (logits, loss).
+
+        With targets: logits for every position (B, T, V) and the mean cross-entropy
+        (targets of -1 are ignored). Without: the last position's logits (B, 1, V), loss None.
+        """
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        h = self._hidden(idx, pos)
+        if targets is None:
+            return self.lm_head(h[:, [-1], :]), None
+        logits = self.lm_head(h)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    def empty_kv(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        """A cache with no past positions, to start ``forward_kv`` from."""
+        c = self.config
+        ref = self.lm_head.weight
+        return torch.zeros(c.n_layer, 2, batch, c.n_head, 0, c.head_dim,
+                           device=device or ref.device, dtype=dtype or ref.dtype)
+
+    def forward_kv(self, idx: torch.Tensor, kv: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None):
+        """idx (B, T) after kv (L, 2, B, nh, P, hs) -> (logits (B, V), present (L, 2, B, nh, P+T, hs)).
+
+        ``attention_mask`` (B, P+T), 1 for real tokens and 0 for left padding, lets prompts
+        of different lengths share a batch; positions then count real tokens only.
+        The caller keeps P + T <= block_size (positions are learned, a cache cannot slide).
+        """
+        T, P = idx.size(1), kv.size(4)
+        q_pos = torch.arange(P, P + T, device=idx.device)
+        mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
+        caches = [_GrowingCache(kv[i]) for i in range(self.config.n_layer)]
+        h = self._hidden(idx, pos, caches, mask)
+        present = torch.stack([c.present for c in caches])
+        return self.lm_head(h[:, -1, :]), present
+
+    def new_static_caches(self, batch: int, max_len: int | None = None,
+                          device=None, dtype=None) -> nn.ModuleList:
+        c = self.config
+        ref = self.lm_head.weight
+        return nn.ModuleList(
+            KVCache(batch, c.n_head, max_len or c.block_size, c.head_dim,
+                    dtype=dtype or ref.dtype, device=device or ref.device)
+            for _ in range(c.n_layer)
+        )
+
+    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, caches: nn.ModuleList,
+                       attention_mask: torch.Tensor | None = None):
+        """idx (B, T) written at input_pos (T,) into preallocated caches -> logits (B, V).
+
+        ``attention_mask`` (B, max_len) marks real tokens (1) and left padding (0).
+        """
+        mask, pos = _mask_and_positions(input_pos, caches[0].k.size(2), attention_mask)
+        slots = [_StaticSlot(cache, input_pos) for cache in caches]
+        h = self._hidden(idx, pos, slots, mask)
+        return self.lm_head(h[:, -1, :])
+
+
+def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None):
+    """Attention mask and position ids for queries at absolute slots ``q_pos`` (T,).
+
+    Without padding: a (T, S) causal mask and positions q_pos. With a padding mask (B, S):
+    a (B, 1, T, S) mask that also hides padded keys, and per-row positions that count only
+    real tokens. Every query may see itself, so a padded row never has an empty softmax
+    (which would produce NaN and leak through the cache).
+    """
+    keys = torch.arange(n_keys, device=q_pos.device)
+    causal = keys[None, :] <= q_pos[:, None]  # (T, S)
+    if attention_mask is None:
+        return causal, q_pos
+    real = attention_mask.bool()  # (B, S)
+    pos = (real.long().cumsum(-1) - 1).clamp(min=0).index_select(1, q_pos)  # (B, T)
+    self_key = keys[None, :] == q_pos[:, None]  # (T, S)
+    mask = (causal[None] & real[:, None, :]) | self_key[None]  # (B, T, S)
+    return mask[:, None], pos

@@ -1,0 +1,100 @@
+"""The GPT-2 BPE encoding (tiktoken ``gpt2``), available offline.
+
+tiktoken downloads the ``gpt2`` ranks from the internet. The ``openai-whisper`` package
+ships the same ranks as ``whisper/assets/gpt2.tiktoken`` (installed with ``--no-deps``; we
+only read that file and never import whisper). Its SHA-256 is the one tiktoken itself
+expects for ``r50k_base``, which has the same ranks as ``gpt2``, so ids are identical to
+``tiktoken.get_encoding("gpt2")``. Where the file is absent we fall back to tiktoken's own
+download; where neither works, one clear error.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from slm_export.errors import SlmError
+
+TOKENIZER_NAME = "gpt2"
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+N_VOCAB = 50257
+GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+BPE_ENV = "SLM_GPT2_BPE"  # optional explicit path to a gpt2.tiktoken file
+
+
+def bpe_file() -> Path | None:
+    """The local GPT-2 ranks file: $SLM_GPT2_BPE, else the one openai-whisper ships."""
+    if os.environ.get(BPE_ENV):
+        return Path(os.environ[BPE_ENV])
+    try:
+        spec = importlib.util.find_spec("whisper")  # locates the package, does not import it
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "assets" / "gpt2.tiktoken"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """Read a .tiktoken ranks file, refusing anything but the exact GPT-2 ranks.
+
+    Parsed here rather than with ``tiktoken.load.load_tiktoken_bpe``, which copies even a
+    local file into its cache directory (and fails when that directory is read-only).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SlmError(f"cannot read GPT-2 BPE file {path}: {e.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_BPE_SHA256:
+        raise SlmError(f"{path} is not the GPT-2 BPE ranks file (sha256 {digest[:12]}...)")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def encoding_from_file(path: Path) -> tiktoken.Encoding:
+    return tiktoken.Encoding(
+        name=TOKENIZER_NAME,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=load_ranks(path),
+        special_tokens={EOT_TOKEN: EOT_ID},
+    )
+
+
+@functools.cache
+def get_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding: from the local ranks file if present, else tiktoken's download."""
+    path = bpe_file()
+    if path is not None:
+        return encoding_from_file(path)
+    try:
+        return tiktoken.get_encoding(TOKENIZER_NAME)
+    except Exception as e:  # network errors come in many types (requests, OSError, ...)
+        raise SlmError(
+            "GPT-2 tokenizer unavailable: no local ranks file and the download failed "
+            f"({type(e).__name__}); run `pip install --no-deps openai-whisper` or set "
+            f"{BPE_ENV}=/path/to/gpt2.tiktoken"
+        ) from None
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of plain text; a literal "<|endoftext|>" in it is treated as text."""
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(ids) -> str:
+    return get_encoding().decode(list(ids))

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from slm_export.config import PRESETS, GPTConfig, preset
+from slm_export.errors import SlmError
+from slm_export.model import GPT
+
+
+def test_30m_parameter_count():
+    model = GPT(PRESETS["30m"])
+    # tied wte / lm_head counted once; 29,946,240 without the position table (nanoGPT's count)
+    assert model.num_params() == 29_995_392
+    assert model.transformer.wte.weight is model.lm_head.weight
+
+
+def test_presets_and_config_validation():
+    assert preset("tiny").vocab_size == 50257 and preset("tiny").block_size == 128
+    with pytest.raises(SlmError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(SlmError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=6)
+    assert GPTConfig.from_dict(PRESETS["30m"].to_dict()) == PRESETS["30m"]
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(PRESETS["30m"])
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 6) ** 0.5) < 5e-4
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 5e-4
+
+
+def test_forward_loss_and_last_logits(tiny_model):
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = tiny_model(idx, idx)
+    assert logits.shape == (2, 16, 50257)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert 9.5 < loss.item() < 13  # random init: close to ln(50257) = 10.8
+    last, none = tiny_model(idx)
+    assert none is None and last.shape == (2, 1, 50257)
+    torch.testing.assert_close(last[:, 0], logits[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("length", [1, 2, 17, 64, 128])
+@torch.no_grad()
+def test_kv_cache_matches_full_forward(length):
+    torch.manual_seed(length)
+    model = GPT(PRESETS["30m"]).eval()
+    idx = torch.randint(0, 50257, (2, length))
+    full, _ = model(idx)
+    split = max(1, length // 3)
+    logits, kv = model.forward_kv(idx[:, :split], model.empty_kv(2))
+    for t in range(split, length):
+        logits, kv = model.forward_kv(idx[:, t : t + 1], kv)
+    assert kv.shape == (6, 2, 2, 6, length, 64)
+    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=0)
+
+    caches = model.new_static_caches(2)
+    logits = model.forward_static(idx[:, :split], torch.arange(split), caches)
+    for t in range(split, length):
+        logits = model.forward_static(idx[:, t : t + 1], torch.tensor([t]), caches)
+    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_single_sequences(tiny_model):
+    torch.manual_seed(3)
+    a, b = torch.randint(0, 50257, (1, 9)), torch.randint(0, 50257, (1, 5))
+    idx = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    logits, kv = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), mask)
+    torch.testing.assert_close(logits[0], tiny_model(a)[0][0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], tiny_model(b)[0][0, 0], atol=1e-5, rtol=0)
+    nxt = torch.tensor([[7], [8]])
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    logits, kv = tiny_model.forward_kv(nxt, kv, mask)
+    assert torch.isfinite(kv).all()
+    ref_b = tiny_model(torch.cat([b, nxt[1:]], 1))[0][0, 0]
+    torch.testing.assert_close(logits[1], ref_b, atol=1e-5, rtol=0)
