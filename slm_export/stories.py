@@ -105,7 +105,8 @@ def _lost_thing(c: _Cast, rng: random.Random) -> list[str]:
         f" {c.name} asked.",
         f"Then {c.name} saw {c.friend_a}. \"I can help you look,\" said {c.friend}.",
         f"They looked under a tree and behind a rock. "
-        f"At last, {c.friend} found the {c.thing} {rng.choice(['in the grass', 'near the water', 'under a bush', 'in a hole'])}.",
+        f"At last, {c.friend} found the {c.thing} "
+        f"{rng.choice(['in the grass', 'near the water', 'under a bush', 'in a hole'])}.",
         f"{c.name} was so {rng.choice(['happy', 'glad', 'thankful'])}.",
     ]
 

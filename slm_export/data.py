@@ -1,0 +1,277 @@
+"""Text -> GPT-2 token ids, once, into memory-mapped files; random batches from them.
+
+``prepare(dataset)`` accepts
+- ``stories``: the embedded story generator (offline default),
+- a local ``.txt`` (blank-line separated documents), ``.jsonl``/``.json``, ``.parquet`` file
+  or a folder of them,
+- a Hugging Face hub name (e.g. ``roneneldan/TinyStories``),
+- a folder this module prepared before (it holds ``meta.json``), used as it is.
+It writes ``<out_root>/<name>/{train,val}.bin`` (uint16 token ids, documents separated by
+``<|endoftext|>``) and then ``meta.json``; files are written under temporary names and
+renamed, and ``meta.json`` (with each file's size and SHA-256) comes last, so an
+interrupted run never leaves a folder that looks complete. A later run reuses a valid
+folder and rebuilds an invalid one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm_export import tokenizer
+from slm_export.checkpoint import atomic_write
+from slm_export.errors import SlmError
+
+FORMAT = "slm-export-data"
+VERSION = 1
+DTYPE = np.uint16  # GPT-2 ids < 65536
+SPLITS = ("train", "val")
+DEFAULT_HUB_DATASET = "roneneldan/TinyStories"
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+VAL_NAMES = ("validation", "val", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where text comes from, and how to read a document out of a row."""
+
+    dataset: str = "stories"
+    text_field: str = "text"  # a column name, or a template such as "{Context}\n{Response}"
+    val_fraction: float = 0.005  # held out when the source has no validation split
+    stories: int = 10_000  # size of the embedded corpus (number of stories)
+    seed: int = 42
+
+    @property
+    def name(self) -> str:
+        """Folder name under the data root: readable, and distinct per source and options."""
+        if self.dataset == "stories":
+            base = f"stories-{self.stories}-s{self.seed}"
+        else:
+            base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.dataset).name or self.dataset)
+            key = f"{Path(self.dataset).resolve() if Path(self.dataset).exists() else self.dataset}"
+            key += f"|{self.text_field}|{self.val_fraction}|{self.seed}"
+            base += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        return base
+
+
+class TokenData:
+    """A prepared data folder: validated ``meta.json`` and read-only memmaps of each split."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.meta = _read_meta(self.root)
+        self.splits = {}
+        for split in SPLITS:
+            path = self.root / f"{split}.bin"
+            expected = self.meta["splits"][split]["tokens"]
+            actual = path.stat().st_size if path.is_file() else -1
+            if actual != expected * np.dtype(DTYPE).itemsize:
+                raise SlmError(f"{path}: size {actual} bytes disagrees with meta.json "
+                               f"({expected} uint16 tokens); delete the folder to rebuild it")
+            self.splits[split] = np.memmap(path, dtype=DTYPE, mode="r")
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self.splits[split]
+
+    def verify_checksums(self) -> None:
+        for split in SPLITS:
+            digest = _sha256_file(self.root / f"{split}.bin")
+            if digest != self.meta["splits"][split]["sha256"]:
+                raise SlmError(f"{self.root / f'{split}.bin'}: SHA-256 disagrees with meta.json")
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
+              generator: torch.Generator, device: torch.device | str = "cpu"):
+    """Random windows (x, y), y shifted by one, read from the memmap (never loaded whole)."""
+    n = len(tokens) - block_size - 1
+    if n < 0:
+        raise SlmError(f"split has {len(tokens)} tokens, fewer than block_size + 1 "
+                       f"({block_size + 1}); use more text or a smaller context")
+    ix = torch.randint(n + 1, (batch_size,), generator=generator).tolist()
+    window = np.stack([tokens[i : i + block_size + 1] for i in ix]).astype(np.int64)
+    batch = torch.from_numpy(window)
+    x, y = batch[:, :-1], batch[:, 1:]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous(), y.contiguous()
+
+
+def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
+            num_proc: int | None = None) -> TokenData:
+    """Tokenize ``source`` once into ``out_root/<name>`` (reused when valid) and open it."""
+    if Path(source.dataset, "meta.json").is_file():
+        return TokenData(source.dataset)  # an already prepared folder: use it strictly
+    folder = Path(out_root) / source.name
+    if (folder / "meta.json").is_file():
+        try:
+            data = TokenData(folder)
+            data.verify_checksums()
+            return data
+        except SlmError:
+            pass  # incomplete or damaged: rebuild below
+    splits = _load_splits(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # the folder is invalid until rewritten
+    meta = {
+        "format": FORMAT, "version": VERSION, "tokenizer": tokenizer.TOKENIZER_NAME,
+        "eot_id": tokenizer.EOT_ID, "dtype": "uint16", "source": source.dataset,
+        "text_field": source.text_field, "splits": {},
+    }
+    for split, ds in splits.items():
+        meta["splits"][split] = _write_split(ds, source.text_field, folder / f"{split}.bin",
+                                             num_proc)
+    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return TokenData(folder)
+
+
+# -- loading text ---------------------------------------------------------------------------
+
+def _load_splits(source: Source) -> dict:
+    """-> {"train": Dataset, "val": Dataset}, holding out a validation set when needed."""
+    import datasets
+
+    if source.dataset == "stories":
+        from slm_export.stories import stories
+
+        ds = datasets.Dataset.from_dict({"text": list(stories(source.stories, seed=source.seed))})
+        raw = datasets.DatasetDict({"train": ds})
+    else:
+        raw = _load_dataset(source.dataset)
+    if "train" not in raw:
+        raise SlmError(f"dataset {source.dataset!r} has no 'train' split "
+                       f"(splits: {', '.join(raw) or 'none'})")
+    train = raw["train"]
+    val = next((raw[name] for name in VAL_NAMES if name in raw), None)
+    if val is None:
+        if len(train) < 2:
+            raise SlmError(f"dataset {source.dataset!r} has {len(train)} document(s): "
+                           "too few to hold out a validation split")
+        n_val = max(1, round(source.val_fraction * len(train)))
+        held = train.train_test_split(test_size=n_val, seed=source.seed, shuffle=True)
+        train, val = held["train"], held["test"]
+    for split, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise SlmError(f"dataset {source.dataset!r}: the {split} split is empty")
+    _check_field(train, source)
+    return {"train": train, "val": val}
+
+
+def _load_dataset(name: str):
+    import datasets
+
+    path = Path(name)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) \
+            if path.is_dir() else [path]
+        kinds = {LOCAL_BUILDERS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise SlmError(f"{name}: expected .txt, .jsonl or .parquet file(s) of one kind")
+        if any(p.stat().st_size == 0 for p in files):
+            raise SlmError(f"{name}: empty file {next(p for p in files if p.stat().st_size == 0)}")
+        builder = kinds.pop()
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        try:
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files],
+                                         **extra)
+        except Exception as e:  # malformed JSON / parquet raise builder-specific types
+            raise SlmError(f"cannot read {name}: {_first_line(e)}") from None
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
+    if path.suffix in LOCAL_BUILDERS or not hub_like:
+        raise SlmError(f"dataset file not found: {name}")
+    try:
+        return datasets.load_dataset(name)
+    except Exception as e:  # offline: ConnectionError / OfflineModeIsEnabled; others vary
+        raise SlmError(
+            f"cannot load {name!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{_first_line(e)[:100]}); offline, use a local .txt/.jsonl/.parquet file or "
+            "--dataset stories") from None
+
+
+def _check_field(ds, source: Source) -> None:
+    fields = set(re.findall(r"{(\w+)}", source.text_field)) or {source.text_field}
+    missing = fields - set(ds.column_names)
+    if missing:
+        raise SlmError(f"dataset {source.dataset!r} has no {', '.join(sorted(missing))!r} "
+                       f"field (columns: {', '.join(ds.column_names)}); use --text-field")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- tokenizing -----------------------------------------------------------------------------
+
+def _tokenize_batch(batch: dict, text_field: str) -> dict:
+    """Documents -> ids, each followed by <|endoftext|>. A literal <|endoftext|> in the text
+    (as in the TinyStories .txt files) separates documents too."""
+    n = len(next(iter(batch.values())))
+    if "{" in text_field:
+        texts = [text_field.format(**{k: batch[k][i] for k in batch}) for i in range(n)]
+    else:
+        texts = batch[text_field]
+    ids = []
+    for text in texts:
+        doc = []
+        for part in (text or "").split(tokenizer.EOT_TOKEN):
+            if part.strip():
+                doc += tokenizer.encode(part.strip())
+                doc.append(tokenizer.EOT_ID)
+        ids.append(doc)
+    return {"ids": ids}
+
+
+def _write_split(ds, text_field: str, path: Path, num_proc: int | None) -> dict:
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(ds) >= 50_000 else None
+    tokenized = ds.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc,
+                       fn_kwargs={"text_field": text_field}, remove_columns=ds.column_names,
+                       desc=f"tokenizing {path.stem}")
+    sha = hashlib.sha256()
+    count = 0
+
+    def write(f):
+        nonlocal count
+        for batch in tokenized.iter(batch_size=1000):  # bounded memory, whatever the corpus
+            arr = np.fromiter((t for doc in batch["ids"] for t in doc), dtype=DTYPE)
+            data = arr.tobytes()
+            f.write(data)
+            sha.update(data)
+            count += arr.size
+
+    atomic_write(path, write)
+    if count == 0:
+        raise SlmError(f"{path.stem} split holds no text after tokenizing")
+    return {"tokens": count, "documents": len(ds), "sha256": sha.hexdigest()}
+
+
+def _sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _read_meta(root: Path) -> dict:
+    path = root / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SlmError(f"{root}: no meta.json (not a prepared data folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SlmError(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SlmError(f"{path}: not an slm-export data folder")
+    if meta.get("dtype") != "uint16" or set(meta.get("splits", {})) != set(SPLITS):
+        raise SlmError(f"{path}: expected uint16 train/val splits")
+    return meta
