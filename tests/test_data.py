@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slm_export import data, tokenizer
+from slm_export.errors import SlmError
+
+STORY = "Once upon a time, a little fox named Leo found a red ball in the garden. "
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "data"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_stories_prepare_and_reuse(root):
+    src = data.Source(stories=200, seed=1)
+    d = data.prepare(src, root)
+    meta = d.meta
+    assert d.root == root / "stories-200-s1"
+    assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 199
+    train = d.tokens("train")
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert len(train) == meta["splits"]["train"]["tokens"]
+    assert (train == tokenizer.EOT_ID).sum() == 199  # one separator per document
+    mtime = (d.root / "train.bin").stat().st_mtime_ns
+    again = data.prepare(src, root)
+    assert (again.root / "train.bin").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert again.meta == meta
+
+
+def test_jsonl_with_template_field_and_held_out_split(tmp_path, root):
+    rows = [{"Context": f"I feel sad {i}.", "Response": f"Tell me more {i}."} for i in range(40)]
+    path = _write_jsonl(tmp_path / "talks.jsonl", rows)
+    src = data.Source(str(path), text_field="{Context}\n{Response}", val_fraction=0.1)
+    d = data.prepare(src, root)
+    assert d.meta["splits"]["val"]["documents"] == 4
+    text = tokenizer.decode(d.tokens("train")[:40])
+    assert "\n" in text and "Tell me more" in text
+    # deterministic hold-out: a second build into another root gives the same bytes
+    d2 = data.prepare(src, tmp_path / "other")
+    assert d2.meta["splits"] == d.meta["splits"]
+
+
+def test_missing_field_is_a_clear_error(tmp_path, root):
+    path = _write_jsonl(tmp_path / "x.jsonl", [{"body": "hi"}] * 5)
+    with pytest.raises(SlmError, match="no 'text' field.*columns: body.*--text-field"):
+        data.prepare(data.Source(str(path)), root)
+
+
+def test_txt_documents_and_endoftext_separators(tmp_path, root):
+    path = tmp_path / "tiny.txt"
+    path.write_text(f"{STORY}\nIt was fun.\n\n{STORY}<|endoftext|>{STORY}\n\n" * 5)
+    d = data.prepare(data.Source(str(path), val_fraction=0.2), root)
+    ids = np.concatenate([d.tokens("train"), d.tokens("val")])
+    assert (ids == tokenizer.EOT_ID).sum() == 15  # 10 paragraphs, 5 of them hold two stories
+    assert d.meta["splits"]["train"]["documents"] + d.meta["splits"]["val"]["documents"] == 10
+
+
+def test_parquet_folder_with_validation_split(tmp_path, root):
+    import datasets
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": [STORY + str(i) for i in range(30)]}).to_parquet(
+        str(folder / "part.parquet"))
+    d = data.prepare(data.Source(str(folder), val_fraction=0.1), root)
+    assert d.meta["splits"]["val"]["documents"] == 3
+
+
+def test_bad_local_inputs(tmp_path, root):
+    with pytest.raises(SlmError, match="not found"):
+        data.prepare(data.Source(str(tmp_path / "nope.txt")), root)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SlmError, match="empty file"):
+        data.prepare(data.Source(str(empty)), root)
+    one = tmp_path / "one.txt"
+    one.write_text(STORY)
+    with pytest.raises(SlmError, match="too few"):
+        data.prepare(data.Source(str(one)), root)
+
+
+def test_offline_hub_name_is_one_clear_error(root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(SlmError, match="Hugging Face hub.*--dataset stories") as err:
+        data.prepare(data.Source("roneneldan/TinyStories"), root)
+    assert "\n" not in str(err.value)
+
+
+def test_interrupted_or_damaged_folder_is_rebuilt(root, monkeypatch):
+    src = data.Source(stories=120, seed=3)
+    good = data.prepare(src, root)
+    meta = good.meta
+    # damage: truncate train.bin behind meta.json's back
+    with open(good.root / "train.bin", "r+b") as f:
+        f.truncate(100)
+    rebuilt = data.prepare(src, root)
+    assert rebuilt.meta == meta and len(rebuilt.tokens("train")) == meta["splits"]["train"]["tokens"]
+
+    # a run that dies while writing leaves no meta.json, so the folder never looks complete
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_write_split", crash)
+    (rebuilt.root / "train.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(src, root)
+    assert not (rebuilt.root / "meta.json").exists()
+    monkeypatch.undo()
+    assert data.prepare(src, root).meta == meta
+
+
+def test_prepared_folder_is_used_strictly(root):
+    d = data.prepare(data.Source(stories=100, seed=4), root)
+    assert data.prepare(data.Source(str(d.root)), root / "unused").meta == d.meta
+    meta = json.loads((d.root / "meta.json").read_text())
+    meta["splits"]["val"]["tokens"] += 1
+    (d.root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SlmError, match="disagrees with meta.json"):
+        data.prepare(data.Source(str(d.root)), root)
+    meta["dtype"] = "int32"
+    (d.root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SlmError, match="uint16"):
+        data.TokenData(d.root)
+    (d.root / "meta.json").write_text("{not json")
+    with pytest.raises(SlmError, match="not valid JSON"):
+        data.TokenData(d.root)
+
+
+def test_get_batch_windows(root):
+    d = data.prepare(data.Source(stories=100, seed=5), root)
+    tokens = d.tokens("train")
+    g = torch.Generator().manual_seed(0)
+    x, y = data.get_batch(tokens, 8, 128, g)
+    assert x.shape == y.shape == (8, 128) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(data.get_batch(tokens, 8, 128, g2)[0], x)  # reproducible
+    starts = [int(np.flatnonzero(np.all(
+        np.lib.stride_tricks.sliding_window_view(tokens, 8) == x[i, :8].numpy(), axis=1))[0])
+        for i in range(2)]
+    assert all(np.array_equal(tokens[s:s + 128], x[i].numpy()) for i, s in enumerate(starts))
+    with pytest.raises(SlmError, match="fewer than block_size"):
+        data.get_batch(tokens[:50], 2, 128, g)
