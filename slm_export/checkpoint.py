@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise SlmError(f"refusing to load {path}: it contains Python objects beyond "
-                           "tensors and plain data (possible code execution)") from None
-        raise SlmError(f"checkpoint is corrupt: {path} ({first[:120]})") from None
+        # weights_only refuses globals it does not allow (functions, classes): that is a file
+        # that would run or build arbitrary objects; anything else is a damaged file.
+        if re.search(r"Unsupported global|GLOBAL ", str(e)):
+            raise SlmError(f"refusing to load {path}: it references Python code or objects "
+                           "beyond tensors and plain data (possible code execution)") from None
+        raise SlmError(f"checkpoint is truncated or corrupt: {path}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlmError(f"checkpoint is truncated or corrupt: {path} ({first[:120]})") from None
