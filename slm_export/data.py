@@ -140,9 +140,9 @@ def _load_splits(source: Source) -> dict:
     import datasets
 
     if source.dataset == "stories":
-        from slm_export.stories import stories
-
-        ds = datasets.Dataset.from_dict({"text": list(stories(source.stories, seed=source.seed))})
+        # streamed to an Arrow file: memory stays bounded whatever --stories asks for
+        ds = datasets.Dataset.from_generator(
+            _story_rows, gen_kwargs={"n": source.stories, "seed": source.seed})
         raw = datasets.DatasetDict({"train": ds})
     else:
         raw = _load_dataset(source.dataset)
@@ -163,6 +163,13 @@ def _load_splits(source: Source) -> dict:
             raise SlmError(f"dataset {source.dataset!r}: the {split} split is empty")
     _check_field(train, source)
     return {"train": train, "val": val}
+
+
+def _story_rows(n: int, seed: int):
+    from slm_export.stories import stories
+
+    for text in stories(n, seed=seed):
+        yield {"text": text}
 
 
 def _load_dataset(name: str):
