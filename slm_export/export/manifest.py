@@ -54,6 +54,22 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def file_metadata(ckpt: dict, kind: str, dtype: str = "fp32") -> dict[str, str]:
+    """String key/values embedded in every exported file (ONNX ``metadata_props``,
+    TorchScript ``_extra_files``), so a file alone says what it is."""
+    val_loss = ckpt.get("val_loss")
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "dtype": dtype,
+        "model_config": json.dumps(ckpt["model_config"], sort_keys=True),
+        "tokenizer": str(ckpt.get("tokenizer", "gpt2")),
+        "step": str(int(ckpt.get("step", 0))),
+        "val_loss": "null" if val_loss is None else repr(float(val_loss)),
+        "versions": json.dumps(versions(), sort_keys=True),
+    }
+
+
 def file_entry(folder: str | os.PathLike, name: str, kind: str, dtype: str = "fp32") -> dict:
     """The manifest record of one file already written in ``folder``."""
     assert kind in KINDS and dtype in DTYPES, (kind, dtype)

@@ -1,0 +1,236 @@
+"""ONNX export: ``model.onnx`` (all-position logits), ``model_kv.onnx`` (cache path), and the
+int8 / fp16 variants.
+
+Exporter: the dynamo one (``torch.onnx.export(..., dynamo=True)``, via torch.export and
+onnxscript), not the legacy TorchScript-based one. Why:
+- dynamic shapes are solved symbolically, so one graph serves every batch, sequence and
+  past length, including an empty past (P = 0), which a trace taken at P > 0 may not
+  (legacy traces can bake in shapes through Python ints, silently);
+- the tied embedding / lm_head matrix stays one initializer (Gather + Gemm(transB) on the
+  same tensor), where the legacy exporter's constant folding can add a transposed copy;
+- it is the exporter torch maintains (the legacy one is deprecated) and works from torch
+  2.6 (with onnxscript) to today.
+torch.export cannot express ``total_sequence = past_sequence + sequence`` with named Dims,
+so every axis is exported as ``Dim.DYNAMIC`` and its symbol renamed afterwards to the
+contract's names (batch, sequence, past_sequence, total_sequence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import onnx
+import torch
+
+from slm_export.checkpoint import atomic_write
+from slm_export.errors import SlmError
+from slm_export.export import KVModule, LogitsModule
+from slm_export.export.manifest import file_metadata
+from slm_export.export.torchscript import example_inputs
+
+DEFAULT_OPSET = 18  # LayerNormalization needs 17; 18 is the dynamo exporter's floor
+MIN_OPSET = 18
+
+LOGITS_IO = {
+    "inputs": {"input_ids": {0: "batch", 1: "sequence"}},
+    "outputs": {"logits": {0: "batch", 1: "sequence"}},
+}
+KV_IO = {
+    "inputs": {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "past_key_values": {2: "batch", 4: "past_sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+    },
+    "outputs": {
+        "logits": {0: "batch"},
+        "present_key_values": {2: "batch", 4: "total_sequence"},
+    },
+}
+
+
+def max_opset() -> int:
+    return onnx.defs.onnx_opset_version()
+
+
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= max_opset():
+        raise SlmError(f"--opset {opset} is not supported: choose {MIN_OPSET}..{max_opset()} "
+                       f"(default {DEFAULT_OPSET})")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # The exporter logs one warning per missing torchvision op; they are irrelevant here.
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _export(module: torch.nn.Module, args: tuple, io: dict, opset: int) -> onnx.ModelProto:
+    dynamic = {name: {axis: torch.export.Dim.DYNAMIC for axis in axes}
+               for name, axes in io["inputs"].items()}
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, verbose=False,
+                input_names=list(io["inputs"]), output_names=list(io["outputs"]),
+                dynamic_shapes=dynamic,
+            )
+    except Exception as e:  # the exporter raises many types; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlmError(f"ONNX export failed ({type(e).__name__}: {first[:160]})") from None
+    proto = program.model_proto
+    _name_axes(proto, io)
+    return proto
+
+
+def _name_axes(proto: onnx.ModelProto, io: dict) -> None:
+    """Rename the exporter's shape symbols (s0, s1 + s2, ...) to the contract's axis names."""
+    rename: dict[str, str] = {}
+    for spec, values in ((io["inputs"], proto.graph.input), (io["outputs"], proto.graph.output)):
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            for axis, name in spec.get(value.name, {}).items():
+                if not dims[axis].dim_param:
+                    raise SlmError(f"ONNX export made axis {axis} of {value.name} static "
+                                   f"({dims[axis].dim_value}); expected dynamic {name!r}")
+                rename.setdefault(dims[axis].dim_param, name)
+                dims[axis].dim_param = name
+    for value in proto.graph.value_info:  # keep intermediate shapes consistent with the io
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def save(proto: onnx.ModelProto, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Embed ``metadata`` and write atomically, weights inline (our models are far < 2 GB)."""
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    data = proto.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def export(model: torch.nn.Module, ckpt: dict, folder: str | os.PathLike,
+           opset: int = DEFAULT_OPSET) -> dict[str, str]:
+    """Write model.onnx and model_kv.onnx (fp32) into ``folder``; -> {file name: kind}."""
+    check_opset(opset)
+    folder = Path(folder)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    save(_export(LogitsModule(model), (ids,), LOGITS_IO, opset), folder / "model.onnx",
+         file_metadata(ckpt, "onnx"))
+    save(_export(KVModule(model), example_inputs(model.config), KV_IO, opset),
+         folder / "model_kv.onnx", file_metadata(ckpt, "onnx_kv"))
+    return {"model.onnx": "onnx", "model_kv.onnx": "onnx_kv"}
+
+
+def _rewrite(src: Path, dst: Path, ckpt: dict, kind: str, dtype: str, convert) -> None:
+    """Write ``convert(src, tmp)``'s result to ``dst`` with fresh metadata, atomically."""
+    tmp = dst.with_name(f".{dst.name}.convert{os.getpid()}")
+    try:
+        convert(src, tmp)
+        proto = onnx.load(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+    save(proto, dst, file_metadata(ckpt, kind, dtype))
+
+
+def _fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace Transpose(initializer) by a transposed initializer.
+
+    The exporter writes ``x @ W.T`` as MatMul(x, Transpose(W)), which keeps the tied
+    embedding a single tensor but hides the weights from ``quantize_dynamic`` (it only
+    quantizes MatMuls whose B is a constant). Folding costs one extra copy of the tied matrix
+    before quantization, a quarter of it after. Stale intermediate shapes are dropped
+    (ORT's quantizer re-infers them and rejects any that disagree).
+    """
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            weight = numpy_helper.to_array(inits[node.input[0]]).transpose(perm)
+            model.graph.initializer.append(
+                numpy_helper.from_array(weight.copy(order="C"), node.output[0]))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    return model
+
+
+def _int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Weights of MatMul and Gather (the embedding) to int8 (per tensor, symmetric);
+    # activations are quantized on the fly at run time.
+    folded = dst.with_name(dst.name + ".folded")
+    try:
+        onnx.save(_fold_weight_transposes(onnx.load(str(src))), str(folded))
+        with _quiet_quantizer():
+            quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        folded.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    # quantize_dynamic logs "consider pre-processing" (image-model advice) on the root logger.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # Weights and math in fp16; inputs/outputs (and so the KV cache) stay fp32. LayerNorm is
+    # safe as is: ONNX LayerNormalization computes its statistics in fp32 (stash_type=1), and
+    # ORT's fp16 Softmax accumulates in fp32. (Blocking them with op_block_list makes the
+    # converter emit duplicate casts for shared weights, an invalid graph.)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    wrapped = OnnxModel(model)
+    wrapped.topological_sort()  # the converter appends its input casts after their users
+    onnx.save(wrapped.model, str(dst))
+
+
+VARIANTS = {"int8": _int8, "fp16": _fp16}
+
+
+def export_variant(folder: str | os.PathLike, ckpt: dict, dtype: str) -> dict[str, str]:
+    """From the fp32 files in ``folder``, write model.<dtype>.onnx and model_kv.<dtype>.onnx."""
+    folder = Path(folder)
+    written = {}
+    for name, kind in (("model", "onnx"), ("model_kv", "onnx_kv")):
+        target = f"{name}.{dtype}.onnx"
+        _rewrite(folder / f"{name}.onnx", folder / target, ckpt, kind, dtype, VARIANTS[dtype])
+        written[target] = kind
+    return written
+
+
+def session(path: str | os.PathLike, providers: list[str] | None = None):
+    """An ONNX Runtime session on ``path`` (CPU EP unless ``providers`` says otherwise)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no per-node placement chatter
+    try:
+        return ort.InferenceSession(str(path), options,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlmError(f"ONNX Runtime cannot load {path} ({first[:160]})") from None
