@@ -78,6 +78,13 @@ class _Cast:
     thing: str
     color: str
     feeling: str
+    he: str  # the hero's pronouns: he/him/his or she/her/her
+    him: str
+    his: str
+
+    @property
+    def He(self) -> str:  # noqa: N802 (reads like the sentence it builds)
+        return self.he.capitalize()
 
 
 def _pick_cast(rng: random.Random) -> _Cast:
@@ -91,23 +98,25 @@ def _pick_cast(rng: random.Random) -> _Cast:
                 ("a wise owl", "the owl")]
     friend_a, friend = rng.choice(friends)
     thing, color = rng.choice(OBJECTS)
+    girl = hero == "the girl" or (hero != "the boy" and rng.random() < 0.5)
+    pronouns = ("she", "her", "her") if girl else ("he", "him", "his")
     return _Cast(name, hero_a, hero, friend, friend_a, rng.choice(PLACES), thing, color,
-                 rng.choice(FEELINGS))
+                 rng.choice(FEELINGS), *pronouns)
 
 
 def _lost_thing(c: _Cast, rng: random.Random) -> list[str]:
     return [
-        f"{c.name} had a {c.color} {c.thing}. {c.name} took it everywhere.",
+        f"{c.name} had a {c.color} {c.thing}. {c.He} took it everywhere.",
         f"One day, {c.name} went to {c.place} with the {c.thing}.",
         rng.choice(WEATHER),
-        f"{c.name} played and played. But when it was time to go home, the {c.thing} was gone!",
+        f"{c.He} played and played. But when it was time to go home, the {c.thing} was gone!",
         f"{c.name} felt {rng.choice(['sad', 'worried', 'scared'])}. \"Where is my {c.thing}?\""
-        f" {c.name} asked.",
+        f" {c.he} asked.",
         f"Then {c.name} saw {c.friend_a}. \"I can help you look,\" said {c.friend}.",
         f"They looked under a tree and behind a rock. "
         f"At last, {c.friend} found the {c.thing} "
         f"{rng.choice(['in the grass', 'near the water', 'under a bush', 'in a hole'])}.",
-        f"{c.name} was so {rng.choice(['happy', 'glad', 'thankful'])}.",
+        f"{c.name} was so {rng.choice(['happy', 'glad', 'thankful'])} that {c.he} jumped up and down.",
     ]
 
 
@@ -117,23 +126,24 @@ def _sharing(c: _Cast, rng: random.Random) -> list[str]:
         f"At {c.place}, {c.name} met {c.friend_a}. {c.friend.capitalize()} looked at the "
         f"{c.thing} and said, \"Can I play with it too?\"",
         f"\"No, it is mine!\" said {c.name}. {c.friend.capitalize()} felt sad and walked away.",
-        f"Soon {c.name} felt lonely. Playing alone was not fun.",
+        f"Soon {c.name} felt lonely. Playing alone was not fun for {c.him}.",
         f"{c.name} ran to {c.friend} and said, \"I am sorry. Let us play together.\"",
         f"They took turns with the {c.thing} and laughed a lot.",
     ]
 
 
 def _fear(c: _Cast, rng: random.Random) -> list[str]:
-    scary = rng.choice(["the dark", "the big dog next door", "the loud thunder",
-                        "the deep water", "the tall slide"])
+    scary, sense = rng.choice([("the dark", "saw"), ("the big dog next door", "saw"),
+                               ("the loud thunder", "heard"), ("the deep water", "saw"),
+                               ("the tall slide", "saw"), ("a strange noise", "heard")])
     return [
         f"{c.name} was scared of {scary}.",
         f"One evening, {c.name} went to {c.place} with {c.friend_a}.",
         rng.choice(WEATHER),
-        f"Suddenly, {c.name} saw {scary} and wanted to run home.",
+        f"Suddenly, {c.name} {sense} {scary} and wanted to run home.",
         f"{c.friend.capitalize()} held {c.name}'s hand. \"Do not be afraid. I am here,\" said "
         f"{c.friend}.",
-        f"{c.name} took a deep breath and took one small step, then another.",
+        f"{c.name} took a deep breath. {c.He} took one small step, then another.",
         f"It was not so scary after all! {c.name} felt {rng.choice(['brave', 'proud', 'strong'])}.",
     ]
 
@@ -144,10 +154,10 @@ def _helping(c: _Cast, rng: random.Random) -> list[str]:
         "dropped all the apples", "was cold and wet",
     ])
     return [
-        f"{c.name} was walking to {c.place} when {c.name} heard a small voice.",
+        f"{c.name} was walking to {c.place} when {c.he} heard a small voice.",
         f"It was {c.friend_a}. {c.friend.capitalize()} {trouble}.",
         f"\"Please help me,\" said {c.friend}.",
-        f"{c.name} thought hard. Then {c.name} had an idea and used the {c.color} {c.thing} to help.",
+        f"{c.name} thought hard. Then {c.he} had an idea and used {c.his} {c.color} {c.thing} to help.",
         f"It worked! {c.friend.capitalize()} was safe and {rng.choice(['happy', 'warm', 'smiling'])}.",
         f"\"You are very kind,\" said {c.friend}. {c.name} felt {rng.choice(['proud', 'happy'])}.",
     ]
@@ -158,7 +168,7 @@ def _adventure(c: _Cast, rng: random.Random) -> list[str]:
                        "a small boat", "a map"])
     return [
         f"{c.name} wanted to go on an adventure.",
-        f"{c.name} packed a {c.color} {c.thing} and some bread and went to {c.place}.",
+        f"{c.He} packed {c.his} {c.color} {c.thing} and some bread and went to {c.place}.",
         rng.choice(WEATHER),
         f"On the way, {c.name} met {c.friend_a}, who wanted to come too.",
         f"They walked for a long time. Then they found {goal}!",
@@ -171,16 +181,40 @@ def _baking(c: _Cast, rng: random.Random) -> list[str]:
     food = rng.choice(["a cake", "cookies", "bread", "a pie", "soup"])
     return [
         f"{c.name} wanted to make {food} for {c.friend}.",
-        f"{c.name} got flour, milk and eggs. {c.name} mixed and mixed.",
+        f"{c.name} got flour, milk and eggs. {c.He} mixed and mixed.",
         f"Oh no! {c.name} {rng.choice(['dropped the eggs', 'spilled the milk', 'made a big mess'])}.",
         f"{c.name} felt {rng.choice(['sad', 'upset', 'worried'])}, but did not give up.",
-        f"{c.name} cleaned up and tried again, slowly this time.",
+        f"{c.He} cleaned up and tried again, slowly this time.",
         f"The {food.split()[-1]} was warm and good. {c.friend.capitalize()} said it was the best "
         f"{food.split()[-1]} ever.",
     ]
 
 
-PLOTS = [_lost_thing, _sharing, _fear, _helping, _adventure, _baking]
+def _rainy_day(c: _Cast, rng: random.Random) -> list[str]:
+    game = rng.choice(["built a fort with pillows", "played hide and seek", "made a puppet show",
+                       "drew a big map", "sang silly songs"])
+    return [
+        f"{c.name} wanted to play at {c.place}, but it was raining.",
+        f"{c.He} looked out of the window and felt {rng.choice(['sad', 'bored', 'grumpy'])}.",
+        f"Then {c.friend_a} knocked on the door. \"Let us play inside!\" said {c.friend}.",
+        f"So they {game}. They used {c.his} {c.color} {c.thing} too.",
+        "Soon the rain stopped and a rainbow came out.",
+        f"\"Rainy days can be fun,\" said {c.name}.",
+    ]
+
+
+def _new_friend(c: _Cast, rng: random.Random) -> list[str]:
+    return [
+        f"{c.name} moved to a new home near {c.place}.",
+        f"{c.He} did not know anyone and felt {rng.choice(['shy', 'lonely', 'nervous'])}.",
+        f"One day, {c.he} saw {c.friend_a} sitting alone.",
+        f"{c.name} walked over and said, \"Hello! Do you want to play with my {c.thing}?\"",
+        f"{c.friend.capitalize()} smiled. \"Yes, please!\"",
+        f"They played all afternoon. {c.name} was not {rng.choice(['shy', 'lonely'])} anymore.",
+    ]
+
+
+PLOTS = [_lost_thing, _sharing, _fear, _helping, _adventure, _baking, _rainy_day, _new_friend]
 
 
 def story(index: int, seed: int = 0) -> str:
