@@ -1,0 +1,46 @@
+"""naive: no cache, the whole window is recomputed at every step (the references' way).
+
+This is the yardstick the benchmarks measure the cached backends against. Tokens live in a
+preallocated (B, block_size) buffer; each step writes one column and runs ``GPT.forward``
+on the filled part. Padded batches go through ``forward_kv`` with an empty cache, which is
+the same full recompute with a padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slm_export.model import GPT
+from slm_export.runtime.base import State, check_prefill, window_mask
+
+
+class NaiveBackend:
+    name = "naive"
+
+    def __init__(self, model: GPT):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.lm_head.weight.device
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            logits, _ = self.model(ids)  # (B, 1, V)
+            return logits[:, 0].float()
+        logits, _ = self.model.forward_kv(ids, self.model.empty_kv(ids.size(0)), mask)
+        return logits.float()
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        check_prefill(ids, self.config.block_size)
+        B, T = ids.shape
+        window = torch.empty(B, self.config.block_size, dtype=torch.long, device=self.device)
+        window[:, :T] = ids
+        mask = window_mask(attention_mask, self.config.block_size, self.device)
+        logits = self._forward(window[:, :T], None if mask is None else mask[:, :T])
+        return logits, State(length=T, mask=mask, cache=window)
+
+    def decode(self, tokens: torch.Tensor, state: State):
+        n = state.length + 1
+        state.cache[:, n - 1] = tokens
+        logits = self._forward(state.cache[:, :n], None if state.mask is None else state.mask[:, :n])
+        state.length = n
+        return logits, state
