@@ -21,7 +21,7 @@ from slm_export.errors import SlmError
 FORMAT = "slm-export-export"
 VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "hf")
+KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "hf", "hf_config")
 DTYPES = ("fp32", "fp16", "int8")
 
 

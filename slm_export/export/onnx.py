@@ -141,14 +141,17 @@ def _rewrite(src: Path, dst: Path, ckpt: dict, kind: str, dtype: str, convert) -
     save(proto, dst, file_metadata(ckpt, kind, dtype))
 
 
-def _fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace Transpose(initializer) by a transposed initializer.
+def _prepare_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold Transpose(initializer) into the initializer, and give every consumer of a shared
+    initializer its own copy.
 
-    The exporter writes ``x @ W.T`` as MatMul(x, Transpose(W)), which keeps the tied
-    embedding a single tensor but hides the weights from ``quantize_dynamic`` (it only
-    quantizes MatMuls whose B is a constant). Folding costs one extra copy of the tied matrix
-    before quantization, a quarter of it after. Stale intermediate shapes are dropped
-    (ORT's quantizer re-infers them and rejects any that disagree).
+    - The exporter writes ``x @ W.T`` as MatMul(x, Transpose(W)), which hides W from
+      ``quantize_dynamic`` (it only quantizes MatMuls whose B is a constant).
+    - The tied embedding feeds both Gather and the lm_head MatMul/Gemm. The quantizer names
+      a quantized weight after its source, so a shared source would be quantized once in one
+      layout and silently reused by the other consumer (wrong tokens from the embedding).
+    Untying costs one extra int8 copy of the matrix. Stale intermediate shapes are dropped
+    (the quantizer re-infers them and rejects any that disagree).
     """
     from onnx import numpy_helper
 
@@ -158,10 +161,27 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "Transpose" and node.input[0] in inits:
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             weight = numpy_helper.to_array(inits[node.input[0]]).transpose(perm)
-            model.graph.initializer.append(
-                numpy_helper.from_array(weight.copy(order="C"), node.output[0]))
+            folded = numpy_helper.from_array(weight.copy(order="C"), node.output[0])
+            model.graph.initializer.append(folded)
+            inits[folded.name] = folded
         else:
             nodes.append(node)
+    seen: set[str] = set()
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}.{node.name or len(seen)}"
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name
+            seen.add(name)
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]
@@ -175,7 +195,7 @@ def _int8(src: Path, dst: Path) -> None:
     # activations are quantized on the fly at run time.
     folded = dst.with_name(dst.name + ".folded")
     try:
-        onnx.save(_fold_weight_transposes(onnx.load(str(src))), str(folded))
+        onnx.save(_prepare_for_quantization(onnx.load(str(src))), str(folded))
         with _quiet_quantizer():
             quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8)
     finally:

@@ -1,0 +1,3 @@
+from slm_export.cli.export import main
+
+raise SystemExit(main())
