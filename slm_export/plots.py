@@ -1,0 +1,173 @@
+"""Training plots (matplotlib, Agg backend): PNGs under ``<run>/plots/``.
+
+- ``loss.png``: train vs validation loss per evaluation (from metrics.jsonl);
+- ``lr.png``: the learning-rate schedule of the run;
+- ``weights.png``: weight distributions (token embedding, attention, MLP, LayerNorm);
+- ``attention.png``: attention weights of one layer/head on a sample prompt, recomputed from
+  the block's ``c_attn`` (the model itself uses SDPA, which does not return them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from slm_export.errors import SlmError
+
+SAMPLE_PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run: skip it
+    return rows
+
+
+def plot_losses(metrics: list[dict], out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m["train_loss"] for m in metrics], "o-", label="train")
+    ax.plot(steps, [m["val_loss"] for m in metrics], "s-", label="val")
+    ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_lr(train_config: dict, out: Path) -> Path:
+    from slm_export.training import TrainConfig
+
+    cfg = TrainConfig.from_dict(train_config)
+    steps = list(range(cfg.max_iters))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [cfg.lr_at(s) for s in steps])
+    ax.axhline(cfg.min_lr, color="gray", ls="--", lw=0.8, label=f"min_lr {cfg.min_lr:g}")
+    ax.set(xlabel="step", ylabel="learning rate",
+           title=f"warmup {cfg.warmup_iters}, cosine to step {cfg.decay_iters}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_weights(state_dict: dict, out: Path) -> Path:
+    groups = {
+        "token embedding (wte = lm_head)": [k for k in state_dict if k.endswith("wte.weight")],
+        "attention (c_attn, c_proj)": [k for k in state_dict if ".attn." in k and k.endswith("weight")],
+        "MLP (c_fc, c_proj)": [k for k in state_dict if ".mlp." in k and k.endswith("weight")],
+        "LayerNorm gains (ln_1, ln_2, ln_f)": [k for k in state_dict if ".ln_" in k
+                                               and k.endswith("weight")],
+    }
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), dpi=110)
+    for ax, (title, keys) in zip(axes.flat, groups.items(), strict=True):
+        if keys:
+            values = torch.cat([state_dict[k].float().flatten() for k in keys]).numpy()
+            ax.hist(values, bins=80, color="tab:blue", alpha=0.8)
+            ax.set_title(f"{title}\nmean {values.mean():.3g}, std {values.std():.3g}", fontsize=9)
+        else:
+            ax.set_title(f"{title}: none", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def attention_weights(model, idx: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """Softmax attention (T, T) of ``layer``/``head`` for one sequence ``idx`` (1, T)."""
+    cfg = model.config
+    if not 0 <= layer < cfg.n_layer or not 0 <= head < cfg.n_head:
+        raise SlmError(f"no layer {layer} / head {head} in a model with {cfg.n_layer} layers "
+                       f"and {cfg.n_head} heads")
+    model.eval()
+    T = idx.size(1)
+    pos = torch.arange(T, device=idx.device)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    for block in model.transformer.h[:layer]:
+        x = block(x)
+    block = model.transformer.h[layer]
+    q, k, _ = block.attn.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2)
+    hs = cfg.head_dim
+    q = q.view(1, T, cfg.n_head, hs)[0, :, head]  # (T, hs)
+    k = k.view(1, T, cfg.n_head, hs)[0, :, head]
+    att = (q @ k.T) / math.sqrt(hs)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return att.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | None = None,
+                   head: int = 0) -> Path:
+    from slm_export import tokenizer
+
+    layer = model.config.n_layer - 1 if layer is None else layer
+    ids = tokenizer.encode(prompt)[: model.config.block_size]
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    att = attention_weights(model, idx, layer, head).cpu().numpy()
+    labels = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
+    im = ax.imshow(att, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel="key", ylabel="query", title=f"attention, layer {layer} head {head}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0) -> list[Path]:
+    """Draw every plot for a run folder (metrics.jsonl + best.pt or ckpt.pt) -> the PNG paths."""
+    from slm_export import checkpoint
+    from slm_export.config import GPTConfig
+    from slm_export.model import GPT
+
+    run_dir = Path(run_dir)
+    ckpt_path = next((p for p in (run_dir / "best.pt", run_dir / "ckpt.pt") if p.is_file()), None)
+    if ckpt_path is None:
+        raise SlmError(f"{run_dir}: no best.pt or ckpt.pt to plot")
+    ckpt = checkpoint.load(ckpt_path)
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    if metrics:
+        written.append(plot_losses(metrics, out / "loss.png"))
+    if ckpt.get("train_config"):
+        written.append(plot_lr(ckpt["train_config"], out / "lr.png"))
+    written.append(plot_weights(ckpt["model"], out / "weights.png"))
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    written.append(plot_attention(model, out / "attention.png", layer=layer, head=head))
+    return written

@@ -1,0 +1,253 @@
+"""The trainer: schedule, optimizer groups, precision choice, accumulation, checkpoints, resume,
+DDP on CPU, Ctrl-C and error paths, mostly through the `train.py` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slm_export import checkpoint, optim
+from slm_export.cli.train import main
+from slm_export.config import GPTConfig
+from slm_export.data import Source, prepare
+from slm_export.model import GPT
+from slm_export.training import forward_backward, select_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+SMALL = ["--preset", "tiny", "--stories", "300", "--block-size", "32", "--n-layer", "1",
+         "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--eval-iters", "2",
+         "--no-plots", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare(Source(stories=300), root)
+    return root
+
+
+def small(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL, "--data-root", str(data_root), "--out-dir", str(out), *extra]
+
+
+def run_cli(args: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout, cwd=kw.get("cwd", ROOT))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- pure pieces -----------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_cosine_floor():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, decay_iters=110)
+    assert optim.lr_at(0, **kw) == pytest.approx(1e-4)  # 1/10 of the peak
+    assert optim.lr_at(4, **kw) == pytest.approx(5e-4)
+    assert optim.lr_at(9, **kw) == pytest.approx(1e-3)
+    assert optim.lr_at(10, **kw) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert optim.lr_at(60, **kw) == pytest.approx(5.5e-4)  # halfway: mean of lr and min_lr
+    assert optim.lr_at(110, **kw) == pytest.approx(1e-4)
+    assert optim.lr_at(10_000, **kw) == 1e-4  # floor
+    lrs = [optim.lr_at(s, **kw) for s in range(10, 200)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # never rises after warmup
+    assert min(lrs) == 1e-4 and max(lrs) <= 1e-3
+
+
+def test_param_groups_decay_matrices_and_embeddings_only():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    decay, no_decay = optim.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "transformer.wte.weight" in decay["names"] and "transformer.wpe.weight" in decay["names"]
+    assert "transformer.h.1.attn.c_attn.weight" in decay["names"]
+    assert "transformer.h.0.mlp.c_proj.weight" in decay["names"]
+    assert "lm_head.weight" not in decay["names"] + no_decay["names"]  # tied: listed once
+    assert "transformer.h.0.attn.c_attn.bias" in no_decay["names"]
+    assert "transformer.ln_f.weight" in no_decay["names"]
+    assert all(not n.endswith("bias") and ".ln_" not in n for n in decay["names"])
+    n_params = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n_params == model.num_params()
+    opt = optim.make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert opt.defaults["eps"] == 1e-8 and opt.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("device,requested,bf16,dtype,scaler", [
+    ("cpu", "auto", False, torch.float32, False),
+    ("cpu", "bf16", False, torch.bfloat16, False),
+    ("cpu", "fp32", False, torch.float32, False),
+    ("cuda", "auto", True, torch.bfloat16, False),
+    ("cuda", "auto", False, torch.float16, True),
+    ("cuda", "fp16", True, torch.float16, True),
+    ("cuda", "fp32", True, torch.float32, False),
+])
+def test_select_precision(device, requested, bf16, dtype, scaler):
+    p = select_precision(device, requested, bf16)
+    assert (p.dtype, p.use_scaler) == (dtype, scaler)
+
+
+@pytest.mark.parametrize("device,requested,bf16", [("cpu", "fp16", False), ("cuda", "bf16", False)])
+def test_select_precision_refuses_what_cannot_work(device, requested, bf16):
+    from slm_export.errors import SlmError
+
+    with pytest.raises(SlmError):
+        select_precision(device, requested, bf16)
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+    a, b = GPT(config), GPT(config)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, config.vocab_size, (8, 16))
+    y = torch.randint(0, config.vocab_size, (8, 16))
+    fp32 = select_precision("cpu", "fp32")
+    loss_k = forward_backward(a, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], fp32, "cpu")
+    loss_1 = forward_backward(b, [(x, y)], fp32, "cpu")
+    assert loss_k == pytest.approx(loss_1, abs=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_failing_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(checkpoint.weights_payload(model, model.config, step=7), path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(checkpoint.weights_payload(model, model.config, step=8), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert checkpoint.load(path)["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+
+
+# -- through the command line -----------------------------------------------------------------
+
+def test_train_writes_run_and_resume_matches_straight_run(data_root, tmp_path):
+    sched = ["--warmup-iters", "2", "--lr-decay-iters", "8", "--eval-interval", "3", "--lr", "3e-3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(small(data_root, straight, *sched, "--max-iters", "6")) == 0
+    assert main(small(data_root, split, *sched, "--max-iters", "3")) == 0
+    assert main(small(data_root, split, "--resume", "--max-iters", "6")) == 0
+
+    a, b = metrics(straight), metrics(split)
+    assert [m["step"] for m in a] == [0, 3, 6] == [m["step"] for m in b]
+    for ma, mb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "val_acc", "lr"):
+            assert abs(ma[key] - mb[key]) <= 1e-6, (ma["step"], key)
+    assert a[-1]["val_loss"] < a[0]["val_loss"]  # it learns something in 6 steps
+    assert a[0]["val_loss"] == pytest.approx(math.log(50257), abs=0.2)
+    assert {"step", "train_loss", "val_loss", "val_ppl", "val_acc", "lr", "tokens_per_s"} <= set(a[-1])
+    assert a[-1]["val_ppl"] == pytest.approx(math.exp(a[-1]["val_loss"]))
+
+    ca, cb = checkpoint.load(straight / "ckpt.pt"), checkpoint.load(split / "ckpt.pt")
+    assert ca["kind"] == "train" and ca["step"] == cb["step"] == 6
+    for k, v in ca["model"].items():
+        assert not k.startswith("_orig_mod.")
+        torch.testing.assert_close(v, cb["model"][k], atol=1e-6, rtol=0)
+    best = checkpoint.load(straight / "best.pt")
+    assert best["kind"] == "weights" and best["tokenizer"] == "gpt2"
+    assert best["val_loss"] == pytest.approx(min(m["val_loss"] for m in a))
+    assert os.readlink(tmp_path / "latest") == "split"  # the last run started
+
+    # --init-from: the weights carry over, the optimizer and step start afresh
+    tuned = tmp_path / "tuned"
+    assert main(small(data_root, tuned, "--init-from", str(straight / "best.pt"),
+                      "--max-iters", "1")) == 0
+    first = metrics(tuned)[0]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    assert checkpoint.load(tuned / "ckpt.pt")["step"] == 1
+
+
+def test_compile_keeps_checkpoint_keys_clean(data_root, tmp_path):
+    out = tmp_path / "compiled"
+    assert main(small(data_root, out, "--compile", "--max-iters", "1")) == 0
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    assert ckpt["step"] == 1 and "transformer.wte.weight" in ckpt["model"]
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_ddp_two_processes_on_cpu_stay_in_sync(data_root, tmp_path):
+    sums = tmp_path / "sums"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", str(ROOT / "train.py"),
+           *small(data_root, tmp_path / "ddp", "--max-iters", "4", "--grad-accum", "2",
+                  "--eval-interval", "2", "--device", "cpu", "--param-checksum-dir", str(sums))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [json.loads((sums / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["world_size"] for x in ranks] == [2, 2] and [x["step"] for x in ranks] == [4, 4]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # same weights after every step
+    assert ranks[0]["last_loss"] != ranks[1]["last_loss"]  # ...trained on different batches
+    ckpt = checkpoint.load(tmp_path / "ddp" / "ckpt.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])
+    assert [m["step"] for m in metrics(tmp_path / "ddp")] == [0, 2, 4]  # rank 0 alone writes
+
+
+def test_ctrl_c_saves_checkpoint_and_exits_130(data_root, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *small(data_root, out, "--max-iters", "100000", "--eval-interval", "2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
+    deadline = time.time() + 90
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    step = checkpoint.load(out / "ckpt.pt")["step"]
+    assert 2 <= step < 100000
+
+
+@pytest.mark.parametrize("case,args,needle", [
+    ("batch", ["--batch-size", "0"], "--batch-size"),
+    ("lr", ["--lr", "-1"], "--lr"),
+    ("iters", ["--max-iters", "-1"], "--max-iters"),
+    ("minlr", ["--lr", "1e-4", "--min-lr", "1e-3"], "min-lr"),
+    ("resume", ["--resume"], "no checkpoint"),
+    ("missing", ["--init-from", "nope/best.pt"], "not found"),
+    ("corrupt", ["--init-from", "CORRUPT"], "corrupt"),
+    ("hub", ["--dataset", "roneneldan/TinyStories"], "roneneldan/TinyStories"),
+])
+def test_bad_inputs_are_one_line_exit_2(data_root, tmp_path, case, args, needle):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    args = [str(bad) if a == "CORRUPT" else a for a in args]
+    r = run_cli(small(data_root, tmp_path / "run", "--max-iters", "1", *args))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_with_another_model_config_is_refused(data_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(small(data_root, out, "--max-iters", "1")) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    r = run_cli(small(data_root, out, "--resume", "--max-iters", "2", "--n-embd", "64"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "model with config" in r.stderr
+    r = run_cli(small(data_root, out, "--max-iters", "2"))  # a fresh run must not clobber it
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before

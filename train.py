@@ -1,0 +1,3 @@
+from slm_export.cli.train import main
+
+raise SystemExit(main())
