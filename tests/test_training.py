@@ -176,6 +176,7 @@ def test_train_writes_run_and_resume_matches_straight_run(data_root, tmp_path):
     assert checkpoint.load(tuned / "ckpt.pt")["step"] == 1
 
 
+@pytest.mark.slow  # torch.compile's first build takes ~1 minute on 2 CPU cores
 def test_compile_keeps_checkpoint_keys_clean(data_root, tmp_path):
     out = tmp_path / "compiled"
     assert main(small(data_root, out, "--compile", "--max-iters", "1")) == 0
