@@ -1,0 +1,3 @@
+from slm_export.cli.generate import main
+
+raise SystemExit(main())

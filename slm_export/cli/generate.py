@@ -1,0 +1,119 @@
+"""`python generate.py`: sample text from a checkpoint or an export with any backend."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slm_export.cli.common import ArgumentParser, entry_point, non_negative_float, positive_int
+from slm_export.errors import SlmError
+
+DEFAULT_MODEL = Path("artifacts/runs/latest")
+SEPARATOR = "---------------"
+
+
+def top_p_value(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    from slm_export.runtime import BACKENDS, OVERFLOW_POLICIES
+
+    p = ArgumentParser(prog="generate.py", description=__doc__)
+    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"checkpoint file, run folder or export folder (default {DEFAULT_MODEL})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help='text to continue (default "Once upon a time")')
+    src.add_argument("--prompt-file", type=Path, default=None,
+                     help="UTF-8 file, one prompt per line (blank lines skipped), run as a batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="0 means greedy")
+    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--top-p", type=top_p_value, default=None)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print token by token (default: when stdout is a terminal)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
+                   help="past the context window: re-prefill the last half (rebase) or "
+                        "recompute the last block_size tokens every step (slide)")
+    p.add_argument("--variant", choices=("fp32", "int8"), default="fp32",
+                   help="ONNX model variant (ort backend)")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt_file is not None:
+        try:
+            data = args.prompt_file.read_bytes()
+        except OSError as e:
+            raise SlmError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SlmError(f"{args.prompt_file} is not valid UTF-8 "
+                           f"(byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise SlmError(f"{args.prompt_file} holds no prompts (every line is blank)")
+        return prompts
+    prompt = "Once upon a time" if args.prompt is None else args.prompt
+    if not prompt:
+        raise SlmError("the prompt is empty")
+    if not prompt.strip():
+        raise SlmError("the prompt is only whitespace")
+    return [prompt]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+
+
+    from slm_export.devices import resolve_device
+    from slm_export.runtime import SamplingConfig, generate, load_backend, make_generator
+    from slm_export.runtime.generation import stream_text
+    from slm_export.tokenizer import decode, encode
+
+    device = resolve_device(args.device)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, greedy=args.greedy)
+    backend = load_backend(args.backend, args.model or DEFAULT_MODEL, device, args.variant)
+    generator = make_generator(args.seed, backend.device)
+    rows = [p for p in prompts for _ in range(args.num_samples)]
+    ids = [encode(p) for p in rows]
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    out = sys.stdout
+
+    if stream:  # one sequence at a time, each printed as it forms
+        for i, (text, prompt) in enumerate(zip(rows, ids, strict=True)):
+            if i:
+                out.write(f"\n{SEPARATOR}\n")
+            out.write(text)
+            out.flush()
+            for piece in stream_text(backend, prompt, max_new_tokens=args.max_new_tokens,
+                                     sampling=sampling, generator=generator,
+                                     overflow=args.overflow):
+                out.write(piece)
+                out.flush()
+        out.write("\n")
+        out.flush()
+        return 0
+
+    result = generate(backend, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      generator=generator, overflow=args.overflow)
+    texts = [text + decode(new) for text, new in zip(rows, result.tokens, strict=True)]
+    out.write(f"\n{SEPARATOR}\n".join(texts) + "\n")
+    out.flush()
+    return 0
+
+
+main = entry_point(main)
