@@ -86,59 +86,41 @@ def _ort_providers() -> list[str] | None:
 
 def _verify(model, folder: Path, files: dict[str, dict], variants: list[str]) -> dict:
     """Every check for the files written; -> results for the manifest. Raises SlmError."""
-    results: dict = {}
-    kv_runners = {}
-    names = {(e["kind"], e["dtype"]): name for name, e in files.items()}
-    if ("onnx", "fp32") in names:
+    logits_runners, kv_runners = {}, {}
+    kinds = {(e["kind"], e["dtype"]) for e in files.values()}
+    if ("onnx", "fp32") in kinds:
         for name in (n for n in files if n.endswith(".onnx")):
             verify.check_onnx(folder / name)
-        run = verify.ort_logits(onnx_export.session(folder / "model.onnx"))
-        results["onnx"] = verify.verify_logits(model, run, "model.onnx")
-        kv = verify.ort_kv(onnx_export.session(folder / "model_kv.onnx"))
-        results["onnx_kv"] = verify.verify_kv(model, kv, "model_kv.onnx")
-        kv_runners["model_kv.onnx"] = kv
-        print(f"verified model.onnx ({results['onnx']['shapes']} shapes) and model_kv.onnx "
-              f"({results['onnx_kv']['shapes']} shapes) on ONNX Runtime: max |diff| "
-              f"{max(results['onnx']['max_abs_diff'], results['onnx_kv']['max_abs_diff']):.2g}")
-    if ("torchscript", "fp32") in names:
-        ts, _ = torchscript.load(folder / "model.ts")
-        ts_kv, _ = torchscript.load(folder / "model_kv.ts")
+        logits_runners["model.onnx"] = verify.ort_logits(
+            onnx_export.session(folder / "model.onnx"))
+        kv_runners["model_kv.onnx"] = verify.ort_kv(onnx_export.session(folder / "model_kv.onnx"))
+    if ("torchscript", "fp32") in kinds:
+        logits_runners["model.ts"] = _no_grad(torchscript.load(folder / "model.ts")[0])
+        kv_runners["model_kv.ts"] = _no_grad(torchscript.load(folder / "model_kv.ts")[0])
+    if ("hf", "fp32") in kinds:
+        from slm_export.export import hf
 
-        def run(ids):
-            with torch.no_grad():
-                return ts(ids)
-
-        def run_kv(ids, past, mask):
-            with torch.no_grad():
-                return ts_kv(ids, past, mask)
-
-        results["torchscript"] = verify.verify_logits(model, run, "model.ts")
-        results["torchscript_kv"] = verify.verify_kv(model, run_kv, "model_kv.ts")
-        kv_runners["model_kv.ts"] = run_kv
-        print(f"verified model.ts and model_kv.ts on untraced shapes: max |diff| "
-              f"{max(results['torchscript']['max_abs_diff'], results['torchscript_kv']['max_abs_diff']):.2g}")
+        hf_model = hf.load(folder)
+        logits_runners["hf/model.safetensors"] = _no_grad(lambda ids: hf_model(ids).logits)
+    results = verify.verify_logits(model, logits_runners)
+    results.update(verify.verify_kv(model, kv_runners) if kv_runners else {})
+    for name, r in results.items():
+        print(f"verified {name} on {r['shapes']} shapes: max |diff| vs eager "
+              f"{r['max_abs_diff']:.2g}")
     if kv_runners:
         results["greedy"] = verify.verify_greedy(model, kv_runners)
         print(f"greedy {verify.GREEDY_TOKENS}-token continuations identical: eager, "
               + ", ".join(sorted(kv_runners)))
-    if ("hf", "fp32") in names:
-        results["hf"] = _verify_hf(model, folder)
-        print(f"verified hf/ with transformers: max |diff| {results['hf']['max_abs_diff']:.2g}")
     for dtype in variants:
         results[dtype] = _verify_variant(model, folder, dtype)
     return results
 
 
-def _verify_hf(model, folder: Path) -> dict:
-    from slm_export.export import hf
-
-    hf_model = hf.load(folder)
-
-    def run(ids):
+def _no_grad(fn):
+    def run(*args):
         with torch.no_grad():
-            return hf_model(ids).logits
-
-    return verify.verify_logits(model, run, "hf/model.safetensors", lengths=(1, 7, 128))
+            return fn(*args)
+    return run
 
 
 def _verify_variant(model, folder: Path, dtype: str) -> dict:

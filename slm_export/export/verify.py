@@ -60,25 +60,30 @@ def ort_kv(session) -> KVRunner:
 def _diff(name: str, what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:
     if got.shape != want.shape:
         raise SlmError(f"{name}: {what}: shape {tuple(got.shape)}, eager gives {tuple(want.shape)}")
-    diff = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+    diff = (got - want).abs().max().item() if want.numel() else 0.0
     if not diff <= tol:  # also catches NaN
         raise SlmError(f"{name}: {what}: max |diff| vs eager {diff:.3g} > {tol:g}")
     return diff
 
 
-def verify_logits(model, run: LogitsRunner, name: str, batches=BATCHES, lengths=LENGTHS,
-                  tol: float = TOLERANCE, seed: int = 0) -> dict:
-    """All-position logits on every (batch, length) against eager."""
+def verify_logits(model, runners: dict[str, LogitsRunner], batches=BATCHES, lengths=LENGTHS,
+                  tol: float = TOLERANCE, seed: int = 0) -> dict[str, dict]:
+    """All-position logits on every (batch, length), each runner against eager.
+
+    -> {runner name: {"max_abs_diff", "shapes"}}.
+    """
     g = torch.Generator().manual_seed(seed)
-    eager, worst = LogitsModule(model), 0.0
+    eager, worst = LogitsModule(model), dict.fromkeys(runners, 0.0)
     for B in batches:
         for T in lengths:
             ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
             with torch.no_grad():
                 want = eager(ids)
-            got = run(ids)
-            worst = max(worst, _diff(name, f"input_ids [{B}, {T}]", got, want, tol))
-    return {"max_abs_diff": worst, "shapes": len(batches) * len(lengths)}
+            for name, run in runners.items():
+                diff = _diff(name, f"input_ids [{B}, {T}]", run(ids).float(), want, tol)
+                worst[name] = max(worst[name], diff)
+    return {name: {"max_abs_diff": w, "shapes": len(batches) * len(lengths)}
+            for name, w in worst.items()}
 
 
 def _past(model, B: int, P: int, g: torch.Generator) -> torch.Tensor:
@@ -90,34 +95,40 @@ def _past(model, B: int, P: int, g: torch.Generator) -> torch.Tensor:
         return model.forward_kv(prefix, model.empty_kv(B))[1]
 
 
-def verify_kv(model, run: KVRunner, name: str, batches=BATCHES, cases=KV_CASES,
-              tol: float = TOLERANCE, seed: int = 0) -> dict:
-    """Cache path on (past, new) lengths, plus one left-padded batch, against eager."""
-    g = torch.Generator().manual_seed(seed)
-    eager, worst, n = KVModule(model), 0.0, 0
+def _kv_inputs(model, batches, cases, g):
+    """(description, input_ids, past, attention_mask) for every check of the cache path."""
     for B in batches:
         for P, T in cases:
             past = _past(model, B, P, g)
             ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
-            mask = torch.ones(B, P + T, dtype=torch.long)
-            with torch.no_grad():
-                want = eager(ids, past, mask)
-            got = run(ids, past, mask)
-            what = f"input_ids [{B}, {T}] after past_sequence {P}"
-            worst = max(worst, _diff(name, what + " (logits)", got[0], want[0], tol),
-                        _diff(name, what + " (present)", got[1], want[1], tol))
-            n += 1
+            yield f"input_ids [{B}, {T}] after past_sequence {P}", ids, past, \
+                torch.ones(B, P + T, dtype=torch.long)
     # Left padding: rows with 0, 3 and 6 pad tokens in front of a 9-token prompt.
     ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=g)
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    past = model.empty_kv(3)
-    with torch.no_grad():
-        want = eager(ids, past, mask)
-    got = run(ids, past, mask)
-    worst = max(worst, _diff(name, "left-padded input_ids [3, 9] (logits)", got[0], want[0], tol))
-    return {"max_abs_diff": worst, "shapes": n + 1}
+    yield "left-padded input_ids [3, 9]", ids, model.empty_kv(3), mask
+
+
+def verify_kv(model, runners: dict[str, KVRunner], batches=BATCHES, cases=KV_CASES,
+              tol: float = TOLERANCE, seed: int = 0) -> dict[str, dict]:
+    """Cache path on (past, new) lengths plus a left-padded batch, each runner against eager.
+
+    -> {runner name: {"max_abs_diff", "shapes"}}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    eager, worst, n = KVModule(model), dict.fromkeys(runners, 0.0), 0
+    for what, ids, past, mask in _kv_inputs(model, batches, cases, g):
+        with torch.no_grad():
+            want_logits, want_present = eager(ids, past, mask)
+        for name, run in runners.items():
+            logits, present = run(ids, past, mask)
+            worst[name] = max(worst[name],
+                              _diff(name, what + " (logits)", logits, want_logits, tol),
+                              _diff(name, what + " (present)", present, want_present, tol))
+        n += 1
+    return {name: {"max_abs_diff": w, "shapes": n} for name, w in worst.items()}
 
 
 def greedy(run: KVRunner, model, prompt: torch.Tensor, steps: int = GREEDY_TOKENS) -> list:

@@ -1,0 +1,242 @@
+"""export.py end to end, through the CLI users run, on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from slm_export.cli.export import main
+from slm_export.errors import SlmError
+from slm_export.export import verify
+from slm_export.export.manifest import file_for, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_ckpt) -> Path:
+    """One default export (onnx + torchscript, int8 variant, full verification)."""
+    assert main(["--checkpoint", tiny_ckpt, "--quantize", "int8"]) == 0
+    return Path(tiny_ckpt).parent / "export"
+
+
+def jit_load(path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+        extra = {"config.json": ""}
+        return torch.jit.load(str(path), _extra_files=extra), json.loads(extra["config.json"])
+
+
+def cpu_session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def eager_kv(model, ids, past, mask):
+    with torch.no_grad():
+        return model.forward_kv(ids, past, mask)
+
+
+def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model):
+    names = {"model.onnx", "model_kv.onnx", "model.ts", "model_kv.ts", "model.int8.onnx",
+             "model_kv.int8.onnx", "manifest.json"}
+    assert {p.name for p in export_dir.iterdir()} == names
+    assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".export")]
+    m = read_manifest(export_dir)
+    assert m["model_config"] == tiny_model.config.to_dict()
+    assert (m["tokenizer"], m["step"], m["source_checkpoint"]) == ("gpt2", 0, tiny_ckpt)
+    assert m["opset"] == 18 and set(m["versions"]) == {"torch", "onnx", "onnxruntime", "slm_export"}
+    assert file_for(m, export_dir, "onnx_kv") == export_dir / "model_kv.onnx"
+    assert file_for(m, export_dir, "torchscript_kv") == export_dir / "model_kv.ts"
+    assert file_for(m, export_dir, "onnx_kv", "int8") == export_dir / "model_kv.int8.onnx"
+    with pytest.raises(SlmError, match="no onnx file in fp16"):
+        file_for(m, export_dir, "onnx", "fp16")
+    checks = m["verification"]
+    for name in ("model.onnx", "model_kv.onnx", "model.ts", "model_kv.ts"):
+        assert 0 <= checks[name]["max_abs_diff"] <= 1e-4 and checks[name]["shapes"] >= 8
+    assert checks["greedy"]["identical"] and checks["greedy"]["tokens"] == 32
+    # The tied embedding / lm_head matrix is stored once.
+    big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
+           if 50257 in i.dims]
+    assert len(big) == 1
+
+
+def test_torchscript_alone_on_every_length(export_dir, tiny_model):
+    module, meta = jit_load(export_dir / "model.ts")  # traced at length 16 only
+    ids = torch.randint(0, 50257, (1, 128))
+    with torch.no_grad():
+        full = tiny_model.lm_head(tiny_model._hidden(ids, torch.arange(128)))
+        for T in [*range(1, 128, 9), 127, 128]:
+            logits = module(ids[:, :T])
+            assert logits.shape == (1, T, 50257)
+            torch.testing.assert_close(logits, full[:, :T], atol=1e-4, rtol=0)
+    assert json.loads(meta["model_config"]) == tiny_model.config.to_dict()
+    assert meta["kind"] == "torchscript"
+
+
+@pytest.mark.parametrize("past", [0, 1, 100])
+def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
+    sess = cpu_session(export_dir / "model_kv.onnx")
+    ts, meta = jit_load(export_dir / "model_kv.ts")
+    assert meta["kind"] == "torchscript_kv"
+    B, T = 3, 5
+    kv = tiny_model.empty_kv(B)
+    if past:
+        prefix = torch.randint(0, 50257, (B, past))
+        kv = eager_kv(tiny_model, prefix, kv, torch.ones(B, past, dtype=torch.long))[1]
+    ids = torch.randint(0, 50257, (B, T))
+    mask = torch.ones(B, past + T, dtype=torch.long)
+    want_logits, want_kv = eager_kv(tiny_model, ids, kv, mask)
+    logits, present = sess.run(None, {"input_ids": ids.numpy(), "past_key_values": kv.numpy(),
+                                      "attention_mask": mask.numpy()})
+    assert present.shape == (4, 2, B, 4, past + T, 32)
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(present, want_kv.numpy(), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        ts_logits, ts_kv = ts(ids, kv, mask)
+    torch.testing.assert_close(ts_logits, want_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ts_kv, want_kv, atol=1e-4, rtol=0)
+
+
+def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
+    def axes(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    kv = onnx.load(str(export_dir / "model_kv.onnx"))
+    assert axes(kv.graph.input) == {
+        "input_ids": ["batch", "sequence"],
+        "past_key_values": [4, 2, "batch", 4, "past_sequence", 32],
+        "attention_mask": ["batch", "total_sequence"],
+    }
+    assert axes(kv.graph.output) == {
+        "logits": ["batch", 50257],
+        "present_key_values": [4, 2, "batch", 4, "total_sequence", 32],
+    }
+    full = onnx.load(str(export_dir / "model.onnx"))
+    assert axes(full.graph.input) == {"input_ids": ["batch", "sequence"]}
+    assert axes(full.graph.output) == {"logits": ["batch", "sequence", 50257]}
+    for proto, kind in ((full, "onnx"), (kv, "onnx_kv")):
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert json.loads(meta["model_config"]) == tiny_model.config.to_dict()
+        assert (meta["kind"], meta["tokenizer"], meta["step"]) == (kind, "gpt2", "0")
+        assert "torch" in json.loads(meta["versions"])
+
+
+def test_int8_variant_runs_and_records_loss_delta(export_dir, tiny_model):
+    m = read_manifest(export_dir)
+    assert m["files"]["model_kv.int8.onnx"]["dtype"] == "int8"
+    assert m["files"]["model_kv.int8.onnx"]["bytes"] < m["files"]["model_kv.onnx"]["bytes"] / 1.5
+    delta = m["int8_val_loss_delta"]
+    assert math.isfinite(delta) and abs(delta) < 0.5
+    assert m["verification"]["int8"]["val_loss_delta"] == delta
+    # Greedy decoding through the int8 cache graph mostly agrees with eager fp32.
+    sess = cpu_session(export_dir / "model_kv.int8.onnx")
+    prompt = torch.randint(0, 50257, (2, 8))
+    got = verify.greedy(verify.ort_kv(sess), tiny_model, prompt, steps=8)
+    want = verify.greedy(lambda *a: eager_kv(tiny_model, *a), tiny_model, prompt, steps=8)
+    agree = np.mean(np.array(got) == np.array(want))
+    assert agree >= 0.5, (got, want)
+
+
+def test_tampered_or_truncated_file_is_detected(export_dir, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(SlmError, match=r"model\.onnx: SHA-256 mismatch"):
+        read_manifest(copy)
+    read_manifest(copy, verify_hashes=False)  # existence is still checked, hashes are not
+    (copy / "model.ts").write_bytes(b"truncated")
+    (copy / "model.onnx").unlink()
+    with pytest.raises(SlmError, match=r"model\.onnx is listed in the manifest but missing"):
+        read_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(SlmError, match="not valid JSON"):
+        read_manifest(copy)
+
+
+def test_verification_names_the_diverging_shape(tiny_model):
+    eager = verify.LogitsModule(tiny_model)
+
+    def off_at_64(ids):
+        with torch.no_grad():
+            out = eager(ids)
+        return out + 1e-3 if ids.size(1) == 64 else out
+
+    with pytest.raises(SlmError, match=r"bad\.onnx: input_ids \[1, 64\]: max \|diff\|"):
+        verify.verify_logits(tiny_model, {"bad.onnx": off_at_64}, lengths=(1, 64))
+
+    def wrong_after_past(ids, past, mask):
+        logits, present = eager_kv(tiny_model, ids, past, mask)
+        return (-logits, present) if past.size(4) == 31 else (logits, present)
+
+    with pytest.raises(SlmError, match=r"input_ids \[1, 7\] after past_sequence 31"):
+        verify.verify_kv(tiny_model, {"bad_kv.onnx": wrong_after_past}, batches=(1,),
+                         cases=((0, 1), (31, 7)))
+    with pytest.raises(SlmError, match="greedy continuation differs"):
+        verify.verify_greedy(tiny_model, {"bad_kv.onnx": wrong_after_past}, steps=30)
+
+
+def test_hf_export_loads_in_transformers(tiny_ckpt, tiny_model, tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers not installed (optional: pip install .[hf])")
+    out = tmp_path / "hf_export"
+    assert main(["--checkpoint", tiny_ckpt, "--format", "hf", "--out-dir", str(out)]) == 0
+    m = read_manifest(out)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(
+        str(file_for(m, out, "hf").parent)).eval()
+    ids = torch.randint(0, 50257, (2, 128))
+    with torch.no_grad():
+        want = tiny_model.lm_head(tiny_model._hidden(ids, torch.arange(128)))
+        torch.testing.assert_close(hf_model(ids).logits, want, atol=1e-4, rtol=0)
+    assert m["verification"]["hf/model.safetensors"]["max_abs_diff"] <= 1e-4
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "export.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_one_line_error(stderr: str, needle: str):
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], stderr
+
+
+def test_cli_missing_checkpoint_and_unknown_format(tmp_path):
+    r = run_cli("--checkpoint", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, "checkpoint not found")
+    r = run_cli("--checkpoint", str(tmp_path / "nope.pt"), "--format", "tflite")
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, "invalid choice: 'tflite'")
+
+
+def test_cli_errors_in_process(tmp_path, tiny_ckpt, capsys):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(Path(tiny_ckpt).read_bytes()[:1000])
+    cases = [
+        (["--checkpoint", str(bad)], "truncated or corrupt"),
+        (["--checkpoint", tiny_ckpt, "--opset", "7"], "--opset 7 is not supported"),
+        (["--checkpoint", tiny_ckpt, "--format", "torchscript", "--quantize", "int8"],
+         "applies to ONNX"),
+        (["--checkpoint", tiny_ckpt, "--out-dir", str(tmp_path)], "not an export folder"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        assert_one_line_error(capsys.readouterr().err, needle)
+    assert not (tmp_path / "export").exists()  # nothing written for the corrupt checkpoint
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")]
