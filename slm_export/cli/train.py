@@ -20,7 +20,7 @@ from slm_export.cli.common import (
     positive_float,
     positive_int,
 )
-from slm_export.config import PRESETS, preset
+from slm_export.config import PRESETS, GPTConfig, preset
 from slm_export.data import Source
 from slm_export.errors import SlmError
 
@@ -37,6 +37,7 @@ COMMON = dict(grad_accum=1, lr_decay_iters=None, weight_decay=0.1, grad_clip=1.0
               device="auto", seed=42, text_field="text", stories=10_000,
               data_root="artifacts/data")
 TUNABLE = tuple(RECIPES["30m"]) + tuple(COMMON)
+DEFAULT_PRESET = "30m"
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
@@ -62,8 +63,9 @@ def build_parser() -> ArgumentParser:
                    help="number of embedded stories for --dataset stories (default 10000)")
     g.add_argument("--data-root", help="where tokenized data is cached (default artifacts/data)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=list(PRESETS), default="30m",
-                   help="model architecture and training recipe (default 30m)")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="model architecture and training recipe (default 30m; with --resume, "
+                        "the resumed run's architecture)")
     g.add_argument("--n-layer", type=positive_int, help="override the preset's layer count")
     g.add_argument("--n-head", type=positive_int, help="override the preset's head count")
     g.add_argument("--n-embd", type=positive_int, help="override the preset's width")
@@ -125,16 +127,20 @@ def resolve(args) -> tuple:
 
     if args.resume and args.init_from:
         raise SlmError("--resume and --init-from exclude each other")
-    out_dir = args.out_dir or default_out_dir(args.preset, args.dataset)
-    values = {**COMMON, **RECIPES[args.preset]}
+    preset_name = args.preset or DEFAULT_PRESET
+    out_dir = args.out_dir or default_out_dir(preset_name, args.dataset)
+    values = {**COMMON, **RECIPES[preset_name]}
+    base = preset(preset_name)
     if args.resume and (out_dir / "ckpt.pt").is_file():
-        saved = checkpoint.load(out_dir / "ckpt.pt").get("train_config", {})
-        values.update({k: saved[k] for k in TUNABLE if k in saved})
+        saved = checkpoint.load(out_dir / "ckpt.pt")
+        values.update({k: v for k, v in saved.get("train_config", {}).items() if k in TUNABLE})
+        if args.preset is None:  # the architecture of the run being resumed
+            base = GPTConfig.from_dict(saved["model_config"])
     values.update({k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None})
     if values["min_lr"] > values["lr"]:
         raise SlmError(f"--min-lr ({values['min_lr']}) must not exceed --lr ({values['lr']})")
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    model_config = dataclasses.replace(preset(args.preset), **overrides)
+    model_config = dataclasses.replace(base, **overrides)
     cfg = TrainConfig(dataset=args.dataset, out_dir=str(out_dir), compile=args.compile,
                       resume=args.resume,
                       init_from=str(args.init_from) if args.init_from else None,
