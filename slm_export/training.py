@@ -290,12 +290,12 @@ def _load_start(cfg: TrainConfig, model_config: GPTConfig, out_dir: Path):
             raise SlmError(f"--resume: {path} holds a model with config {ckpt['model_config']}, "
                            f"not the requested {model_config.to_dict()}")
         return model_config, ckpt, None
+    if (out_dir / "ckpt.pt").exists():  # never overwrite a run by starting a new one over it
+        raise SlmError(f"{out_dir} already holds a run (ckpt.pt); continue it with --resume, "
+                       "or choose another --out-dir")
     if cfg.init_from:
         ckpt = checkpoint.load(cfg.init_from)
         return GPTConfig.from_dict(ckpt["model_config"]), None, ckpt["model"]
-    if (out_dir / "ckpt.pt").exists():
-        raise SlmError(f"{out_dir} already holds a run (ckpt.pt); continue it with --resume, "
-                       "or choose another --out-dir")
     return model_config, None, None
 
 
