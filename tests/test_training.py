@@ -221,11 +221,23 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(data_root, tmp_path):
     assert 2 <= step < 100000
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--max-iters", "-1"], "--max-iters"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "min-lr"),
+])
+def test_bad_flags_are_one_line_exit_2_in_process(data_root, tmp_path, capsys, args, needle):
+    try:  # argparse exits through SystemExit(2); SlmError comes back as the return code 2
+        code = main(small(data_root, tmp_path / "run", "--max-iters", "1", *args))
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case,args,needle", [
-    ("batch", ["--batch-size", "0"], "--batch-size"),
-    ("lr", ["--lr", "-1"], "--lr"),
-    ("iters", ["--max-iters", "-1"], "--max-iters"),
-    ("minlr", ["--lr", "1e-4", "--min-lr", "1e-3"], "min-lr"),
     ("resume", ["--resume"], "no checkpoint"),
     ("missing", ["--init-from", "nope/best.pt"], "not found"),
     ("corrupt", ["--init-from", "CORRUPT"], "corrupt"),
