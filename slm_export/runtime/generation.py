@@ -179,7 +179,7 @@ class TextDecoder:
 
 def stream_text(backend: Backend, prompt: Sequence[int], *, max_new_tokens: int,
                 sampling: SamplingConfig, generator: torch.Generator | None = None,
-                overflow: str = "rebase", stats: Stats | None = None) -> Iterator[str]:
+                overflow: str = "rebase") -> Iterator[str]:
     """Generate for one prompt and yield the continuation as text pieces, as they form."""
     stream = TokenStream(backend, [prompt], max_new_tokens=max_new_tokens, sampling=sampling,
                          generator=generator, overflow=overflow)
@@ -192,5 +192,3 @@ def stream_text(backend: Backend, prompt: Sequence[int], *, max_new_tokens: int,
     tail = decoder.flush()
     if tail:
         yield tail
-    if stats is not None:
-        stats.__dict__.update(stream.stats.__dict__)
