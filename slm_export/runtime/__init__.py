@@ -96,12 +96,7 @@ def load_backend(name: str, path: str | os.PathLike, device: torch.device | str 
     if variant != "fp32" and name != "ort":
         raise SlmError(f"--variant {variant} applies to the ort backend only")
     if name in TORCH_BACKENDS:
-        try:
-            model, _ = load_model(target, device)
-        except SlmError:
-            raise
-        except Exception as e:  # torch's unpickler can fail on garbage with any error type
-            raise SlmError(f"checkpoint is corrupt: {target} ({type(e).__name__})") from None
+        model, _ = load_model(target, device)
         return backend_for_model(name, model)
     if name == "torchscript":
         from slm_export.runtime.torchscript import TorchScriptBackend
