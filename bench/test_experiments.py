@@ -1,0 +1,126 @@
+"""Candidate speed-ups for backends, measured beside the real ones (``--bench-experiments``).
+
+Each experiment builds a backend the way the runtime does, changes one thing from the
+outside, and runs the same decode scenario as ``test_backends.test_decode`` (batch 1, a
+4-token prompt, 200 new tokens). The rows carry the experiment's name as their variant, so
+the table shows each one next to the backend it would change. Nothing here is used by the
+product; a change worth keeping belongs in the backend's own file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import pytest
+import torch
+
+from slm_export import benchmark as bm
+from slm_export.runtime import GREEDY, generate
+from slm_export.runtime.base import State
+
+PROMPT = [7454, 2402, 257, 640]  # "Once upon a time"
+NEW_TOKENS = 200
+
+
+class TransposedHead(torch.nn.Module):
+    """lm_head as ``x @ W^T`` with W^T stored contiguous (n_embd, vocab): a row-major GEMV."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight_t", weight.detach().t().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t
+
+
+class Unoptimized:
+    """Runs a backend's calls with TorchScript's profiling / re-specialising executor off."""
+
+    def __init__(self, backend):
+        self.inner, self.name = backend, backend.name
+        self.config, self.device = backend.config, backend.device
+
+    def prefill(self, ids, attention_mask=None):
+        with torch.jit.optimized_execution(False):
+            return self.inner.prefill(ids, attention_mask)
+
+    def decode(self, tokens, state: State):
+        with torch.jit.optimized_execution(False):
+            return self.inner.decode(tokens, state)
+
+
+@pytest.fixture(autouse=True)
+def _enabled(request):
+    if not request.config.getoption("--bench-experiments"):
+        pytest.skip("experiments run with --bench-experiments")
+
+
+def _eager_lm_t(bench):
+    from slm_export.checkpoint import load_model
+    from slm_export.runtime import backend_for_model, resolve_model_path
+
+    model, _ = load_model(resolve_model_path("eager", bench.model_dir), bench.device)
+    model.lm_head = TransposedHead(model.lm_head.weight)
+    return "eager", backend_for_model("eager", model), contextlib.nullcontext()
+
+
+def _compiled_freezing(bench):
+    from slm_export.runtime import load_backend
+
+    torch._dynamo.reset()
+    patch = torch._inductor.config.patch(freezing=True)
+    return "compiled", load_backend("compiled", bench.model_dir, bench.device), patch
+
+
+def _torchscript_no_profiling(bench):
+    from slm_export.runtime import load_backend
+
+    return "torchscript", Unoptimized(load_backend("torchscript", bench.model_dir, bench.device)), \
+        contextlib.nullcontext()
+
+
+EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "inductor-freezing": _compiled_freezing,
+               "jit-optimize-off": _torchscript_no_profiling}
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_experiment_decode(benchmark, bench, experiment):
+    bench.mem.reset()
+    baseline = bench.mem.rss_mb()
+    backend_name, backend, ctx = EXPERIMENTS[experiment](bench)
+    ttfts: list[float] = []
+
+    def call():
+        gen = generate(backend, [PROMPT], max_new_tokens=NEW_TOKENS, sampling=GREEDY, stop_id=None)
+        ttfts.append(gen.stats.time_to_first_token)
+
+    with ctx:
+        warm = []
+        warmups = 2 if backend_name == "compiled" else 1
+        for _ in range(warmups):
+            start = time.perf_counter()
+            call()
+            warm.append(time.perf_counter() - start)
+        times: list[float] = []
+
+        def timed():
+            start = time.perf_counter()
+            call()
+            bm.sync(bench.device)
+            times.append(time.perf_counter() - start)
+
+        benchmark.pedantic(timed, rounds=bench.max_rounds, iterations=1, warmup_rounds=0)
+    median = statistics.median(times)
+    tps = NEW_TOKENS / median
+    ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config)
+    row = bm.Result(backend=backend_name, variant=experiment, device=bench.device.type,
+                    preset=bench.preset, batch=1, new_tokens=NEW_TOKENS, tokens_per_s=tps,
+                    ttft_ms=1000 * statistics.median(ttfts[warmups:]),
+                    peak_mem_mb=bench.mem.peak_mb(baseline) if baseline is not None else None,
+                    roofline_pct=bm.roofline_pct(tps, ceiling),
+                    compile_s=sum(warm) - warmups * median if backend_name == "compiled" else None,
+                    rounds=len(times), extra={"experiment": True, "threads": bench.threads})
+    bench.results.append(row)
+    benchmark.extra_info.update(row.to_json())

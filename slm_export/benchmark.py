@@ -1,0 +1,301 @@
+"""Pure helpers for the benchmark suite in ``bench/``: roofline math, memory probes, machine
+facts, the results.json schema and the summary table.
+
+Nothing here runs a model; ``bench/conftest.py`` and ``bench/test_backends.py`` do, and call
+these helpers so the same numbers reach the terminal table, ``--benchmark-json`` and
+``artifacts/bench/results.json``.
+
+Roofline: decoding one token (per row) reads every weight the forward pass touches once:
+all block weights, the final LayerNorm and the output projection (vocab x n_embd), but not
+the token-embedding table (one row is gathered) nor the position table. At batch B one
+weight read serves B tokens, so the memory-bound ceiling is
+``B * read_bandwidth / bytes_per_step`` tokens/s. The bandwidth is measured on the same device
+with the same thread count (``measure_read_bandwidth``). KV-cache reads (<= 2.4 MB per step
+for ``30m`` at batch 1) are left out, as they are next to ~120 MB of weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slm_export.config import GPTConfig
+
+# Bytes per weight of the matrices (Linear / Gemm / MatMul) for each weight dtype a variant
+# stores; LayerNorm weights and biases stay fp32 in every variant we export.
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+RESULT_FIELDS = ("backend", "variant", "device", "preset", "batch", "new_tokens", "tokens_per_s",
+                 "ttft_ms", "peak_mem_mb", "roofline_pct")
+
+
+# --- roofline ---------------------------------------------------------------------------------
+
+def decode_weight_params(config: GPTConfig) -> tuple[int, int]:
+    """Parameters read per decode step -> (matrix params, vector params).
+
+    Matrices: per block c_attn (C x 3C), attn c_proj (C x C), c_fc (C x 4C), mlp c_proj (4C x C),
+    i.e. 12 C^2, plus lm_head (V x C). Vectors: LayerNorm weights (and biases), Linear biases.
+    """
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    matrices = L * 12 * C * C + V * C
+    ln_per_block = 2 * (2 * C if config.bias else C)  # ln_1, ln_2
+    linear_bias_per_block = (3 * C + C + 4 * C + C) if config.bias else 0
+    ln_f = 2 * C if config.bias else C
+    vectors = L * (ln_per_block + linear_bias_per_block) + ln_f
+    return matrices, vectors
+
+
+def bytes_per_decode_step(config: GPTConfig, weight_dtype: str = "fp32") -> int:
+    """Bytes of weights one decode step reads (the same for any batch size)."""
+    matrices, vectors = decode_weight_params(config)
+    return matrices * WEIGHT_BYTES[weight_dtype] + vectors * 4
+
+
+def roofline_tokens_per_s(bandwidth_bytes_per_s: float, config: GPTConfig, batch: int = 1,
+                          weight_dtype: str = "fp32") -> float:
+    """Memory-bound ceiling on decode tokens/s (all rows together) at this batch size."""
+    return batch * bandwidth_bytes_per_s / bytes_per_decode_step(config, weight_dtype)
+
+
+def roofline_pct(tokens_per_s: float, ceiling_tokens_per_s: float) -> float:
+    return 100.0 * tokens_per_s / ceiling_tokens_per_s
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued device work before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_read_bandwidth(device: torch.device | str = "cpu", threads: int | None = None,
+                           megabytes: int = 256, repeats: int = 5) -> float:
+    """Best-of-``repeats`` read bandwidth (bytes/s) of ``tensor.sum()`` over ``megabytes`` of fp32.
+
+    A reduction reads every byte once and writes nothing, which is what a matrix-vector product
+    over the weights does; it runs with ``threads`` torch threads (the benchmark's count).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+        x.sum()  # first touch / warm-up
+        sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x.sum()
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return x.numel() * 4 / best
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssPeak:
+    """Peak resident memory of this process over a stretch of work, above a baseline (Linux).
+
+    ``reset()`` trims freed heap back to the OS, then resets the kernel's high-water mark
+    (``VmHWM``) to the current RSS via ``/proc/self/clear_refs``; ``peak_mb(baseline_mb)`` reads
+    the high-water mark since then, minus ``baseline_mb`` (the RSS before the backend was loaded,
+    so a backend's weights and caches count, the interpreter and libraries do not).
+    ``available`` is False where the kernel files are missing (non-Linux).
+    """
+
+    def __init__(self):
+        self.available = _status_kb("VmHWM") is not None and os.path.exists("/proc/self/clear_refs")
+
+    @staticmethod
+    def trim() -> None:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+    def rss_mb(self) -> float | None:
+        kb = _status_kb("VmRSS")
+        return None if kb is None else kb / 1024
+
+    def reset(self) -> None:
+        self.trim()
+        if not self.available:
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.available = False
+
+    def peak_mb(self, baseline_mb: float) -> float | None:
+        kb = _status_kb("VmHWM") if self.available else None
+        return None if kb is None else max(0.0, kb / 1024 - baseline_mb)
+
+
+# --- machine facts ----------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "python": platform.python_version(),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --- results ----------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """One row of the table and of results.json.
+
+    scenario "decode": a 4-token prompt then ``new_tokens`` greedy tokens per row through the
+    shared loop (overflow re-prefills included); tokens_per_s counts new tokens of all rows,
+    ttft_ms is prefill + first sample. scenario "prefill": one prefill of ``prompt_tokens``
+    plus the first sample (new_tokens 1); tokens_per_s there is prompt tokens per second.
+    """
+
+    backend: str
+    variant: str
+    device: str
+    preset: str
+    batch: int
+    new_tokens: int
+    tokens_per_s: float
+    ttft_ms: float | None
+    peak_mem_mb: float | None
+    roofline_pct: float | None
+    compile_s: float | None = None
+    scenario: str = "decode"
+    prompt_tokens: int = 4
+    rounds: int = 0
+    speedup_vs_naive: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        """Rows compared with naive share everything but the backend and variant."""
+        return (self.scenario, self.device, self.preset, self.batch, self.new_tokens,
+                self.prompt_tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        if d["compile_s"] is None:
+            d.pop("compile_s")
+        return {**d, **extra}
+
+
+def fill_speedups(results: list[Result]) -> None:
+    """Set ``speedup_vs_naive`` on every row that has a naive row with the same key."""
+    naive = {r.key(): r for r in results if r.backend == "naive"}
+    for r in results:
+        base = naive.get(r.key())
+        if base is None or not base.tokens_per_s:
+            r.speedup_vs_naive = None
+        else:
+            r.speedup_vs_naive = r.tokens_per_s / base.tokens_per_s
+
+
+def write_results(path: str | os.PathLike, machine: dict[str, Any], results: list[Result],
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write {"machine": ..., "results": [...]} (plus ``extra`` top-level keys) as JSON."""
+    fill_speedups(results)
+    doc = {"machine": machine, "results": [r.to_json() for r in results], **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def check_results(doc: dict[str, Any]) -> None:
+    """Raise ValueError unless ``doc`` has the shape other tools read."""
+    if not isinstance(doc.get("machine"), dict) or not isinstance(doc.get("results"), list):
+        raise ValueError("results.json needs a 'machine' object and a 'results' list")
+    for key in ("cpu", "cores", "threads", "gpu", "torch", "onnxruntime", "onnx", "python"):
+        if key not in doc["machine"]:
+            raise ValueError(f"machine is missing {key!r}")
+    for i, row in enumerate(doc["results"]):
+        missing = [k for k in RESULT_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"results[{i}] is missing {missing}")
+
+
+# --- table ------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(results: list[Result], title: str = "slm-export benchmark"):
+    """A rich Table of the rows, sorted by scenario, batch, tokens, then speed."""
+    from rich.table import Table
+
+    fill_speedups(results)
+    table = Table(title=title, show_lines=False)
+    for name, justify in (("backend", "left"), ("variant", "left"), ("device", "left"),
+                          ("scenario", "left"), ("batch", "right"), ("prompt", "right"),
+                          ("new tok", "right"), ("tokens/s", "right"), ("vs naive", "right"),
+                          ("TTFT ms", "right"), ("mem MB", "right"), ("% roofline", "right"),
+                          ("compile s", "right")):
+        table.add_column(name, justify=justify)
+    order = {"decode": 0, "prefill": 1}
+    rows = sorted(results, key=lambda r: (order.get(r.scenario, 2), r.batch, -r.new_tokens,
+                                          r.prompt_tokens, -r.tokens_per_s))
+    for r in rows:
+        table.add_row(
+            r.backend, r.variant, r.device, r.scenario, str(r.batch), str(r.prompt_tokens),
+            str(r.new_tokens), f"{r.tokens_per_s:.1f}",
+            "-" if r.speedup_vs_naive is None else f"{r.speedup_vs_naive:.2f}x",
+            _fmt(r.ttft_ms, ".1f"), _fmt(r.peak_mem_mb, ".0f"), _fmt(r.roofline_pct, ".0f"),
+            _fmt(r.compile_s, ".1f"),
+        )
+    return table

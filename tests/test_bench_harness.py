@@ -1,0 +1,107 @@
+"""The benchmark suite's pure helpers: roofline math, memory probe, results.json schema, table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slm_export import benchmark as bm
+from slm_export.config import PRESETS, GPTConfig
+from slm_export.model import GPT
+
+
+@pytest.mark.parametrize("preset", ["tiny", "30m"])
+def test_decode_weights_are_all_params_but_the_position_table(preset):
+    """Matrices + vectors read per step == every parameter except wpe (wte is tied to lm_head)."""
+    config = PRESETS[preset]
+    matrices, vectors = bm.decode_weight_params(config)
+    if preset == "tiny":
+        model = GPT(config)
+        assert matrices + vectors == model.num_params() - model.transformer.wpe.weight.numel()
+    else:  # 30m: the counts for the reference architecture, without building it
+        assert matrices == 6 * 12 * 384 * 384 + 50257 * 384 == 29_915_520
+        assert vectors == 6 * (4 * 384 + 9 * 384) + 2 * 384 == 30_720
+
+
+def test_no_bias_config_counts_layernorm_weights_only():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=10, bias=False)
+    model = GPT(config)
+    matrices, vectors = bm.decode_weight_params(config)
+    assert matrices + vectors == model.num_params() - model.transformer.wpe.weight.numel()
+    assert vectors == 2 * 2 * 8 + 8
+
+
+def test_roofline_ceiling_scales_with_batch_and_weight_dtype():
+    config = PRESETS["30m"]
+    fp32 = bm.bytes_per_decode_step(config)
+    assert fp32 == 29_915_520 * 4 + 30_720 * 4
+    int8 = bm.bytes_per_decode_step(config, "int8")
+    assert int8 == 29_915_520 + 30_720 * 4
+    bw = 40e9
+    one = bm.roofline_tokens_per_s(bw, config)
+    assert one == pytest.approx(bw / fp32)
+    assert 330 < one < 340  # ~120 MB per token at 40 GB/s
+    assert bm.roofline_tokens_per_s(bw, config, batch=8) == pytest.approx(8 * one)
+    assert bm.roofline_tokens_per_s(bw, config, weight_dtype="int8") > 3.9 * one
+    assert bm.roofline_pct(one / 2, one) == pytest.approx(50.0)
+
+
+def test_read_bandwidth_is_measured_and_plausible():
+    bw = bm.measure_read_bandwidth("cpu", threads=1, megabytes=8, repeats=2)
+    assert 1e8 < bw < 1e13  # 0.1 GB/s .. 10 TB/s
+
+
+def test_rss_peak_sees_an_allocation_above_the_baseline():
+    mem = bm.RssPeak()
+    if not mem.available:
+        pytest.skip("no /proc/self/status VmHWM or clear_refs on this OS")
+    mem.reset()
+    base = mem.rss_mb()
+    block = bytearray(64 * 2**20)
+    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page
+    peak = mem.peak_mb(base)
+    del block
+    assert peak is not None and peak >= 60
+
+
+def _row(backend, tps, **kw):
+    fields = dict(variant="fp32", device="cpu", preset="tiny", batch=1, new_tokens=200,
+                  ttft_ms=1.5, peak_mem_mb=12.0, roofline_pct=40.0)
+    fields.update(kw)
+    return bm.Result(backend=backend, tokens_per_s=tps, **fields)
+
+
+def test_results_json_has_the_names_other_tools_read(tmp_path):
+    rows = [_row("naive", 40.0), _row("eager", 100.0, compile_s=None),
+            _row("compiled", 130.0, compile_s=12.5),
+            _row("eager", 30.0, scenario="prefill", prompt_tokens=128, new_tokens=1)]
+    machine = bm.machine_info(threads=2)
+    path = bm.write_results(tmp_path / "sub" / "results.json", machine, rows)
+    doc = json.loads(path.read_text())
+    bm.check_results(doc)
+    assert set(doc) == {"machine", "results"}
+    assert {"cpu", "cores", "threads", "gpu", "torch", "onnxruntime", "onnx", "python"} <= set(
+        doc["machine"])
+    first = doc["results"][0]
+    assert set(bm.RESULT_FIELDS) <= set(first)
+    assert "compile_s" not in first  # optional: only where something was compiled
+    assert doc["results"][2]["compile_s"] == 12.5
+    assert doc["results"][1]["speedup_vs_naive"] == pytest.approx(2.5)
+    assert doc["results"][3]["speedup_vs_naive"] is None  # no naive prefill row to compare with
+
+
+def test_check_results_names_the_missing_field():
+    doc = {"machine": bm.machine_info(threads=1), "results": [{"backend": "eager"}]}
+    with pytest.raises(ValueError, match="tokens_per_s"):
+        bm.check_results(doc)
+
+
+def test_table_renders_every_row():
+    from rich.console import Console
+
+    rows = [_row("naive", 40.0), _row("ort", 250.0, variant="int8", roofline_pct=None)]
+    console = Console(width=200, record=True)
+    console.print(bm.results_table(rows))
+    text = console.export_text()
+    assert "naive" in text and "int8" in text and "6.25x" in text
