@@ -38,6 +38,7 @@ class TrainConfig:
     dataset: str = "stories"
     text_field: str = "text"
     stories: int = 10_000
+    val_fraction: float = 0.005  # held out when the dataset has no validation split
     data_root: str = "artifacts/data"
     out_dir: str = "artifacts/runs/30m-stories"
     max_iters: int = 20_000
@@ -314,7 +315,8 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
     out_dir = Path(cfg.out_dir)
     model_config, resume_ckpt, init_weights = _load_start(cfg, model_config, out_dir)
 
-    source = Source(dataset=cfg.dataset, text_field=cfg.text_field, stories=cfg.stories)
+    source = Source(dataset=cfg.dataset, text_field=cfg.text_field, stories=cfg.stories,
+                    val_fraction=cfg.val_fraction)
     if d.master:
         data = prepare(source, cfg.data_root)  # tokenize once, on rank 0
     _barrier(d)

@@ -34,7 +34,7 @@ RECIPES: dict[str, dict] = {
 }
 # Hyperparameters shared by every preset.
 COMMON = dict(grad_accum=1, lr_decay_iters=None, weight_decay=0.1, grad_clip=1.0, dtype="auto",
-              device="auto", seed=42, text_field="text", stories=10_000,
+              device="auto", seed=42, text_field="text", stories=10_000, val_fraction=0.005,
               data_root="artifacts/data")
 TUNABLE = tuple(RECIPES["30m"]) + tuple(COMMON)
 DEFAULT_PRESET = "30m"
@@ -49,6 +49,13 @@ def _recipe_table() -> str:
     return "preset recipes (defaults for flags left unset):\n" + "\n".join(rows)
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__, epilog=_recipe_table(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +68,9 @@ def build_parser() -> ArgumentParser:
                                         "'{Context}\\n{Response}' (default text)")
     g.add_argument("--stories", type=positive_int,
                    help="number of embedded stories for --dataset stories (default 10000)")
+    g.add_argument("--val-fraction", type=_fraction,
+                   help="share of documents held out for validation when the dataset has no "
+                        "validation split (default 0.005, the same documents every run)")
     g.add_argument("--data-root", help="where tokenized data is cached (default artifacts/data)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=list(PRESETS),
