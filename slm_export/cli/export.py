@@ -109,7 +109,7 @@ def _verify(model, folder: Path, files: dict[str, dict], variants: list[str]) ->
               f"{r['max_abs_diff']:.2g}")
     if kv_runners:
         results["greedy"] = verify.verify_greedy(model, kv_runners)
-        print(f"greedy {verify.GREEDY_TOKENS}-token continuations identical: eager, "
+        print(f"greedy {results['greedy']['tokens']}-token continuations identical: eager, "
               + ", ".join(sorted(kv_runners)))
     for dtype in variants:
         results[dtype] = _verify_variant(model, folder, dtype)
