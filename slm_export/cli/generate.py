@@ -23,10 +23,10 @@ def top_p_value(text: str) -> float:
 def build_parser() -> ArgumentParser:
     from slm_export.runtime import BACKENDS, OVERFLOW_POLICIES
 
-    p = ArgumentParser(prog="generate.py", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="eager/compiled/naive run a checkpoint; torchscript/ort an export folder")
+                   help="eager/compiled/naive run a checkpoint; torchscript/ort an export "
+                        "folder (default eager)")
     p.add_argument("--model", type=Path, default=None,
                    help=f"checkpoint file, run folder or export folder (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
@@ -34,25 +34,25 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--prompt-file", type=Path, default=None,
                      help="UTF-8 file, one prompt per line (blank lines skipped), run as a batch")
     p.add_argument("--max-new-tokens", type=positive_int, default=200,
-                   help="tokens to generate per sample (fewer if <|endoftext|> comes first)")
+                   help="tokens to generate per sample (default 200; fewer if <|endoftext|> comes first)")
     p.add_argument("--temperature", type=non_negative_float, default=0.8,
-                   help="0 means greedy")
+                   help="softmax temperature; 0 means greedy (default 0.8)")
     p.add_argument("--top-k", type=positive_int, default=20,
-                   help="sample among the k most likely tokens")
+                   help="sample among the k most likely tokens (default 20)")
     p.add_argument("--top-p", type=top_p_value, default=None,
                    help="nucleus sampling: the most likely tokens holding this much probability")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None,
                    help="makes sampling reproducible (same seed, device and backend: same text)")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print token by token (default: when stdout is a terminal)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: cuda when available)")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
-                        "recompute the last block_size tokens every step (slide)")
+                        "recompute the last block_size tokens every step (slide); default rebase")
     p.add_argument("--variant", choices=("fp32", "int8"), default="fp32",
-                   help="ONNX model variant (ort backend)")
+                   help="ONNX model variant for the ort backend (default fp32)")
     return p
 
 
