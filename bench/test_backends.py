@@ -51,7 +51,7 @@ def _measure(benchmark, bench, case, call, warmups: int):
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     median = statistics.median(times)
     # Compilation (and first-call setup) = what the warm-up calls took beyond a steady call.
-    compile_s = sum(warm) - warmups * median if case.backend_name == "compiled" else None
+    compile_s = max(0.0, sum(warm) - warmups * median) if case.backend_name == "compiled" else None
     if bench.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -120,7 +120,7 @@ def test_experiment_decode(benchmark, bench, experiment):
                     ttft_ms=1000 * statistics.median(ttfts[warmups:]),
                     peak_mem_mb=bench.mem.peak_mb(baseline) if baseline is not None else None,
                     roofline_pct=bm.roofline_pct(tps, ceiling),
-                    compile_s=sum(warm) - warmups * median if backend_name == "compiled" else None,
+                    compile_s=max(0.0, sum(warm) - warmups * median) if backend_name == "compiled" else None,
                     rounds=len(times), extra={"experiment": True, "threads": bench.threads})
     bench.results.append(row)
     benchmark.extra_info.update(row.to_json())
