@@ -8,25 +8,11 @@ unpadded batch carries a (B, block_size) buffer of ones; a step passes a view of
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
-from slm_export.errors import SlmError
+from slm_export.export.torchscript import load
 from slm_export.runtime.base import State, check_prefill, export_file, window_mask
-
-
-def load_torchscript(path: str | os.PathLike, device: torch.device) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # torch.jit is deprecated upstream; that is known, and no news to a user here
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated",
-                                category=DeprecationWarning)
-        try:
-            module = torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SlmError(f"cannot load TorchScript file {path} ({first[:120]})") from None
-    return module.eval()
 
 
 class TorchScriptBackend:
@@ -37,7 +23,7 @@ class TorchScriptBackend:
         path, self.config = export_file(folder, "torchscript_kv", verify_hashes=verify_hashes)
         self.device = torch.device(device)
         self.path = path
-        self.module = load_torchscript(path, self.device)
+        self.module, _ = load(path, map_location=self.device)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
