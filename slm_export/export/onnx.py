@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import onnx
@@ -64,11 +65,15 @@ def check_opset(opset: int) -> None:
 @contextlib.contextmanager
 def _quiet_exporter():
     # The exporter logs one warning per missing torchvision op; they are irrelevant here.
+    # torch's own pytree code warns about its internal LeafSpec use (torch 2.13): not ours.
     log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated",
+                                    category=FutureWarning)
+            yield
     finally:
         log.setLevel(level)
 
