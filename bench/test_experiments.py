@@ -31,6 +31,10 @@ class TransposedHead(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight_t", weight.detach().t().contiguous())
 
+    @property
+    def weight(self) -> torch.Tensor:  # backends read lm_head.weight.device / .dtype
+        return self.weight_t
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight_t
 
