@@ -416,13 +416,15 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
             box = [best_val]
             torch.distributed.broadcast_object_list(box, src=0)
             best_val = box[0]
+        # best.pt before ckpt.pt: a crash between the two leaves a ckpt.pt whose best_val_loss
+        # is never better than best.pt's (the resumed run rewrites best.pt on reaching it).
+        if d.master and improved:
+            payload = checkpoint.weights_payload(raw_model, model_config, step=current_step,
+                                                 val_loss=best_val)
+            payload["train_config"] = cfg.to_dict()
+            checkpoint.save(payload, out_dir / "best.pt")
         save_state(current_step)
         if d.master:
-            if improved:
-                payload = checkpoint.weights_payload(raw_model, model_config, step=current_step,
-                                                     val_loss=best_val)
-                payload["train_config"] = cfg.to_dict()
-                checkpoint.save(payload, out_dir / "best.pt")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             metrics.append(record)
