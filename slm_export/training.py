@@ -439,7 +439,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
 
     model.train()
     with _StopFlag() as stop, (console_progress or contextlib.nullcontext()):
-        if step == 0:
+        if step == 0 and resume_ckpt is None:  # a resumed run has evaluated its start already
             eval_and_save(0, cfg.lr_at(0))
         window_t = time.perf_counter()
         while step < cfg.max_iters:
