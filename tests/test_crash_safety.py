@@ -1,0 +1,175 @@
+"""Crash safety: `train.py` killed with SIGKILL at seeded kill points, then resumed.
+
+Each kill point is one run of the real trainer in a subprocess. A small hook (``HOOK`` below,
+run as the child's ``-c`` program before the real ``train.py`` main) marks named moments:
+entering tokenization, a ``.bin`` / ``meta.json`` / ``ckpt.pt`` / ``best.pt`` file fully
+written under its temporary name but not yet renamed (``<name>``) or just renamed
+(``<name>:done``), and entering an evaluation. The moment chosen for a run (and which
+occurrence of it, seeded) parks the child there; the test then SIGKILLs it. "timer" kill
+points use no hook: the child dies after a seeded random delay, wherever it is.
+
+After every kill: the last ``ckpt.pt`` loads with ``checkpoint.load`` and its step never goes
+back, ``best.pt`` exists beside it and is at least as good as the ckpt says, the data folder
+either looks incomplete (no ``meta.json``, so it is rebuilt) or is complete and valid, and
+``metrics.jsonl`` is valid JSON with strictly increasing steps no later than the checkpoint.
+The next run resumes (``--resume``, or starts fresh when no ckpt exists yet), and a last run
+finishes training from the last saved step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slm_export import checkpoint
+from slm_export.data import Source, TokenData
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 20240611
+STORIES = 300
+EVAL_INTERVAL = 3
+FLAGS = ["--preset", "tiny", "--stories", str(STORIES), "--block-size", "32", "--n-layer", "1",
+         "--n-head", "2", "--n-embd", "16", "--batch-size", "2", "--eval-iters", "1",
+         "--eval-interval", str(EVAL_INTERVAL), "--lr", "3e-3", "--warmup-iters", "2",
+         "--lr-decay-iters", "1000", "--device", "cpu", "--no-plots", "--quiet"]
+
+HOOK = r"""
+import os, sys, time
+from pathlib import Path
+event, _, nth = os.environ.get("KILL_AT", "").partition("#")
+marker = Path(os.environ["KILL_MARKER"])
+seen = {}
+
+def hit(name):
+    seen[name] = seen.get(name, 0) + 1
+    if name == event and seen[name] == int(nth):
+        marker.write_text(name)
+        time.sleep(600)  # parked here until the test kills us
+
+from slm_export import checkpoint, data, training
+
+def hooked_atomic_write(orig):
+    def atomic_write(path, write):
+        def write_then_park(f):
+            write(f)
+            f.flush()
+            hit(Path(path).name)  # complete under the temporary name, not yet renamed
+        orig(path, write_then_park)
+        hit(Path(path).name + ":done")
+    return atomic_write
+
+checkpoint.atomic_write = hooked_atomic_write(checkpoint.atomic_write)
+data.atomic_write = hooked_atomic_write(data.atomic_write)
+_write_split, _evaluate = data._write_split, training.evaluate
+
+def write_split(*a, **k):
+    hit("tokenize")
+    return _write_split(*a, **k)
+
+def evaluate(*a, **k):
+    hit("eval")
+    return _evaluate(*a, **k)
+
+data._write_split, training.evaluate = write_split, evaluate
+from slm_export.cli.train import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+# The data folder is built once, so its kill points come first and in order: each run
+# rebuilds the folder and dies one moment later.
+DATA_POINTS = ["timer", "tokenize", "train.bin", "val.bin", "meta.json"]
+TRAIN_POINTS = ["eval", "eval", "ckpt.pt", "ckpt.pt:done", "best.pt", "best.pt:done", "timer",
+                "timer"]
+
+
+def plan(rng: random.Random) -> list[tuple[str, int | float]]:
+    """(kill point, nth occurrence in that run, or seconds for 'timer'), seeded."""
+    points: list[tuple[str, int | float]] = [("timer", rng.uniform(0.3, 1.5))]
+    points += [(name, 1) for name in DATA_POINTS[1:]]
+    points.append(("eval", 2))  # the first run dies between its step-0 and next checkpoint
+    train = TRAIN_POINTS[:]
+    rng.shuffle(train)
+    for name in train:
+        if name == "timer":
+            points.append((name, rng.uniform(1.5, 5.0)))
+        else:  # best.pt is written only on improvement: ask for an early one
+            points.append((name, rng.randint(1, 2 if name.startswith("best") else 3)))
+    return points
+
+
+def check_state(out: Path, data_dir: Path, last_step: int) -> int:
+    """Invariants after a kill; -> the step of the last checkpoint (-1 without one)."""
+    if (data_dir / "meta.json").exists():
+        TokenData(data_dir).verify_checksums()  # complete means valid
+    ckpt_path = out / "ckpt.pt"
+    if not ckpt_path.exists():
+        assert last_step == -1, "the checkpoint disappeared"
+        assert not (out / "best.pt").exists()
+        return -1
+    ckpt = checkpoint.load(ckpt_path)
+    assert ckpt["kind"] == "train" and ckpt["step"] >= last_step
+    best = checkpoint.load(out / "best.pt")  # a run with a ckpt always has its best weights
+    assert best["val_loss"] <= ckpt["best_val_loss"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    assert steps == sorted(set(steps)), f"metrics steps repeat or go back: {steps}"
+    assert not steps or steps[-1] <= ckpt["step"]
+    return ckpt["step"]
+
+
+def launch(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOOK, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_at_seeded_moments_then_resume(tmp_path):
+    rng = random.Random(SEED)
+    data_root, out = tmp_path / "data", tmp_path / "run"
+    data_dir = data_root / Source(stories=STORIES).name
+    marker = tmp_path / "marker"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    base = [*FLAGS, "--data-root", str(data_root), "--out-dir", str(out)]
+    last_step, tried = -1, []
+    for point, arg in plan(rng):
+        marker.unlink(missing_ok=True)
+        resume = ["--resume"] if last_step >= 0 else []
+        kill_at = "" if point == "timer" else f"{point}#{arg}"
+        proc = launch([*base, *resume, "--max-iters", "100000"], {**env, "KILL_AT": kill_at,
+                                                                   "KILL_MARKER": str(marker)})
+        deadline = time.monotonic() + (arg if point == "timer" else 120)
+        while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.01)
+        exited = proc.poll()
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+        assert exited is None, f"{point}#{arg}: the run ended by itself ({exited}): {err[-2000:]}"
+        assert point == "timer" or marker.exists(), f"{point}#{arg} was never reached"
+        tried.append(f"{point}#{arg:.2f}s" if point == "timer" else f"{point}#{arg}")
+        last_step = check_state(out, data_dir, last_step)
+
+    # The last run resumes from the last saved step and finishes.
+    final = last_step + 2 * EVAL_INTERVAL
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base,
+                        *(["--resume"] if last_step >= 0 else []), "--max-iters", str(final)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert check_state(out, data_dir, last_step) == final
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in records][-2:] == [final - EVAL_INTERVAL, final]
+    assert all(math.isfinite(m["val_loss"]) for m in records)
+    assert last_step > 0, "no kill point landed after training had started"
+    TokenData(data_dir).verify_checksums()
+    print(f"\ncrash safety: {len(tried)} SIGKILL points tried: {', '.join(tried)}")
+    assert len(tried) == len(DATA_POINTS) + 1 + len(TRAIN_POINTS)
