@@ -300,6 +300,15 @@ def _load_start(cfg: TrainConfig, model_config: GPTConfig, out_dir: Path):
     return model_config, None, None
 
 
+def _save(payload: dict, path: Path) -> None:
+    """checkpoint.save, with a failed write (a full disk, no permission) as one line."""
+    try:
+        checkpoint.save(payload, path)
+    except OSError as e:
+        raise SlmError(f"cannot write {path} ({e.strerror or e}); the previous "
+                       f"{path.name}, if any, is kept") from None
+
+
 def train(cfg: TrainConfig, model_config: GPTConfig, *, progress: bool = True,
           checksum_dir: str | None = None) -> TrainResult:
     d, device = init_distributed(cfg.device)
@@ -384,7 +393,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
         else:
             states = [state]
         if d.master:
-            checkpoint.save({
+            _save({
                 "kind": "train", "model_config": model_config.to_dict(),
                 "train_config": cfg.to_dict(), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -422,7 +431,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
             payload = checkpoint.weights_payload(raw_model, model_config, step=current_step,
                                                  val_loss=best_val)
             payload["train_config"] = cfg.to_dict()
-            checkpoint.save(payload, out_dir / "best.pt")
+            _save(payload, out_dir / "best.pt")
         save_state(current_step)
         if d.master:
             with open(metrics_path, "a") as f:
