@@ -173,3 +173,32 @@ def test_sigkill_at_seeded_moments_then_resume(tmp_path):
     TokenData(data_dir).verify_checksums()
     print(f"\ncrash safety: {len(tried)} SIGKILL points tried: {', '.join(tried)}")
     assert len(tried) == len(DATA_POINTS) + 1 + len(TRAIN_POINTS)
+
+
+def test_full_disk_while_training_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """ENOSPC in the trainer's second ckpt.pt write: one line, exit 2, step-0 ckpt.pt intact."""
+    import torch
+
+    from slm_export.cli.train import main
+
+    real_save, writes = torch.save, []
+
+    def save(obj, f, *a, **k):
+        if ".ckpt.pt.tmp" in str(getattr(f, "name", "")):
+            writes.append(obj.get("step"))
+            if len(writes) == 2:
+                f.write(b"partial")
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    argv = [*FLAGS, "--data-root", str(tmp_path / "data"), "--out-dir", str(out),
+            "--max-iters", "6"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "ckpt.pt" in err[0], err
+    monkeypatch.undo()
+    assert writes == [0, EVAL_INTERVAL]
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 0
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
