@@ -108,8 +108,10 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
 def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
             num_proc: int | None = None) -> TokenData:
     """Tokenize ``source`` once into ``out_root/<name>`` (reused when valid) and open it."""
-    if Path(source.dataset, "meta.json").is_file():
-        return TokenData(source.dataset)  # an already prepared folder: use it strictly
+    if Path(source.dataset, "meta.json").is_file():  # an already prepared folder: used strictly
+        data = TokenData(source.dataset)
+        data.verify_checksums()  # same-size damage would otherwise train on garbage ids
+        return data
     folder = Path(out_root) / source.name
     if (folder / "meta.json").is_file():
         try:
