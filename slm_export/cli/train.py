@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def resolve(args) -> tuple:
 @entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:  # datasets' progress bars too (the variable is read when it is imported)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     if args.plots_only is not None:
         from slm_export import plots
 
