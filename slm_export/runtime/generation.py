@@ -81,6 +81,10 @@ class TokenStream:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        vocab = backend.config.vocab_size
+        bad = next((t for p in prompts for t in p if not 0 <= int(t) < vocab), None)
+        if bad is not None:  # else an IndexError deep in an embedding, or worse in a runtime
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         self.backend = backend
         self.window = backend.config.block_size
         self.keep = self.window if overflow == "slide" else max(1, self.window // 2)
