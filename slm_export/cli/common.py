@@ -13,6 +13,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit code 2, as argparse)."""
 
     def error(self, message: str):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever was typed
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
