@@ -13,6 +13,7 @@ the weights), saved and exported once under ``artifacts/bench/model-<preset>/``.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,32 +96,16 @@ _BENCH: Bench | None = None
 
 
 def _export(run_dir: Path, ckpt_path: Path) -> None:
-    """Export ``ckpt_path`` into ``run_dir/export`` (TorchScript, ONNX, int8 and fp16 ONNX)."""
-    try:
-        from slm_export.cli.export import main as export_main
-    except ImportError:
-        export_main = None
-    out = run_dir / "export"
-    if export_main is not None:
-        rc = export_main(["--checkpoint", str(ckpt_path), "--out-dir", str(out), "--int8", "--fp16"])
-        if rc:
-            raise RuntimeError(f"export CLI failed with exit code {rc}")
-        return
-    # The export CLI has not landed yet: the same steps through the library it will call.
-    from slm_export.checkpoint import load_model
-    from slm_export.export import onnx as onnx_export
-    from slm_export.export import torchscript
-    from slm_export.export.manifest import file_entry, write_manifest
+    """Export ``ckpt_path`` into ``run_dir/export`` (TorchScript, ONNX, int8 and fp16 ONNX),
+    through the same CLI users run (so the int8 validation-loss delta lands in the manifest)."""
+    from slm_export.cli.export import main as export_main
 
-    model, ckpt = load_model(ckpt_path)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {**torchscript.export(model, ckpt, out), **onnx_export.export(model, ckpt, out)}
-    entries = {name: file_entry(out, name, kind) for name, kind in files.items()}
-    for dtype in ("int8", "fp16"):
-        for name, kind in onnx_export.export_variant(out, ckpt, dtype).items():
-            entries[name] = file_entry(out, name, kind, dtype)
-    write_manifest(out, model_config=ckpt["model_config"], files=entries,
-                   source_checkpoint=str(ckpt_path), opset=onnx_export.DEFAULT_OPSET)
+    out = run_dir / "export"
+    shutil.rmtree(out, ignore_errors=True)  # our own cache: a stale or partial export goes
+    rc = export_main(["--checkpoint", str(ckpt_path), "--out-dir", str(out),
+                      "--quantize", "int8", "--dtype", "fp16"])
+    if rc:
+        raise RuntimeError(f"export of the benchmark model failed (exit code {rc})")
 
 
 def _random_model(preset: str, refresh: bool) -> Path:
