@@ -39,6 +39,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-threads", type=int, default=None,
                 help="torch / ORT intra-op threads (default: torch.get_num_threads())")
     g.addoption("--bench-device", default="auto", help="auto, cpu or cuda")
+    g.addoption("--bench-full", action="store_true",
+                help="also time the naive backend at batch 8 (~3 minutes on 2 CPU cores)")
     g.addoption("--bench-quick", action="store_true",
                 help="fewer scenarios and rounds: a smoke run that prints the table")
     g.addoption("--bench-experiments", action="store_true",
@@ -79,6 +81,7 @@ class Bench:
     device: torch.device
     threads: int
     quick: bool
+    full: bool
     bandwidth: float  # bytes/s, measured here with `threads` threads
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
     results: list[bm.Result] = field(default_factory=list)
@@ -167,7 +170,8 @@ def bench(request) -> Bench:
             opt("--bench-preset")
     bandwidth = bm.measure_read_bandwidth(device, threads)
     _BENCH = Bench(model_dir=model_dir, preset=preset, config=_model_config(model_dir),
-                   device=device, threads=threads, quick=opt("--bench-quick"), bandwidth=bandwidth)
+                   device=device, threads=threads, quick=opt("--bench-quick"), full=opt("--bench-full"),
+                   bandwidth=bandwidth)
     return _BENCH
 
 
