@@ -164,7 +164,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        pos = positions(idx, 0, T)
         h = self._hidden(idx, pos)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
@@ -189,7 +189,7 @@ class GPT(nn.Module):
         The caller keeps P + T <= block_size (positions are learned, a cache cannot slide).
         """
         T, P = idx.size(1), kv.size(4)
-        q_pos = torch.arange(P, P + T, device=idx.device)
+        q_pos = positions(idx, P, T)
         mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
         caches = [_GrowingCache(kv[i]) for i in range(self.config.n_layer)]
         h = self._hidden(idx, pos, caches, mask)
@@ -218,6 +218,16 @@ class GPT(nn.Module):
         return self.lm_head(h[:, -1, :])
 
 
+def positions(ref: torch.Tensor, start, n) -> torch.Tensor:
+    """``start, start+1, ..., start+n-1`` (int64) on ``ref``'s device.
+
+    Not ``torch.arange(..., device=ref.device)``: ``torch.jit.trace`` records that device as
+    a constant, so a graph traced on the CPU would build its positions on the CPU forever
+    (and fail next to CUDA weights). ``new_ones`` takes the device from ``ref`` at run time.
+    """
+    return ref.new_ones(n, dtype=torch.long).cumsum(0) + (start - 1)
+
+
 def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None):
     """Attention mask and position ids for queries at absolute slots ``q_pos`` (T,).
 
@@ -226,7 +236,7 @@ def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.
     real tokens. Every query may see itself, so a padded row never has an empty softmax
     (which would produce NaN and leak through the cache).
     """
-    keys = torch.arange(n_keys, device=q_pos.device)
+    keys = positions(q_pos, 0, n_keys)
     causal = keys[None, :] <= q_pos[:, None]  # (T, S)
     if attention_mask is None:
         return causal, q_pos

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from slm_export.export.manifest import MANIFEST, file_for, read_manifest, write_manifest
+from slm_export.model import positions
 
 __all__ = ["MANIFEST", "KVModule", "LogitsModule", "file_for", "read_manifest",
            "write_manifest"]
@@ -31,7 +32,7 @@ class LogitsModule(torch.nn.Module):
         self.eval()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        pos = positions(input_ids, 0, input_ids.size(1))
         return self.model.lm_head(self.model._hidden(input_ids, pos))  # (B, T, V)
 
 
