@@ -163,13 +163,15 @@ def test_int8_variant_generates(export_dir, prompt_ids):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["eager", "compiled", "ort"])
+@pytest.mark.parametrize("name", ["eager", "compiled", "torchscript", "ort"])
 def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids, eager_greedy):
     import copy
 
     if name == "ort":
         backend = load_backend("ort", export_dir, "cuda")
         assert backend.on_cuda, backend.providers
+    elif name == "torchscript":  # traced on the CPU, run on CUDA
+        backend = load_backend("torchscript", export_dir, "cuda")
     else:
         backend = backend_for_model(name, copy.deepcopy(tiny_model).cuda())
     got = generate(backend, prompt_ids, max_new_tokens=PARITY_TOKENS, sampling=GREEDY,
