@@ -264,3 +264,19 @@ def test_resume_with_another_model_config_is_refused(data_root, tmp_path):
     r = run_cli(small(data_root, out, "--max-iters", "2"))  # a fresh run must not clobber it
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_resume_keeps_the_runs_own_dataset(tmp_path):
+    """A run on a local file resumes on that file when --dataset is not repeated."""
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"The red fox ran to the hill {i} times."}) + "\n"
+                              for i in range(200)))
+    run, root = tmp_path / "run", tmp_path / "data"
+    flags = [a for a in SMALL if a not in ("--stories", "300")] + ["--val-fraction", "0.1"]
+    assert main([*flags, "--dataset", str(corpus), "--data-root", str(root), "--out-dir", str(run),
+                 "--max-iters", "2", "--eval-interval", "2"]) == 0
+    assert main([*flags, "--data-root", str(root), "--out-dir", str(run), "--resume",
+                 "--max-iters", "4", "--eval-interval", "2"]) == 0
+    assert [m["step"] for m in metrics(run)] == [0, 2, 4]
+    assert checkpoint.load(run / "ckpt.pt")["train_config"]["dataset"] == str(corpus)
+    assert not any(p.name.startswith("stories") for p in root.iterdir())  # never built stories

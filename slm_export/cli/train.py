@@ -61,10 +61,10 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__, epilog=_recipe_table(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="stories",
+    g.add_argument("--dataset",
                    help="'stories' (embedded offline corpus, default), a hub name such as "
                         "roneneldan/TinyStories, a local .txt/.jsonl/.parquet file or folder, "
-                        "or a prepared data folder")
+                        "or a prepared data folder; with --resume, the resumed run's dataset")
     g.add_argument("--text-field", help="column holding the text, or a template like "
                                         "'{Context}\\n{Response}' (default text)")
     g.add_argument("--stories", type=positive_int,
@@ -139,12 +139,14 @@ def resolve(args) -> tuple:
     if args.resume and args.init_from:
         raise SlmError("--resume and --init-from exclude each other")
     preset_name = args.preset or DEFAULT_PRESET
-    out_dir = args.out_dir or default_out_dir(preset_name, args.dataset)
+    dataset = args.dataset or "stories"
+    out_dir = args.out_dir or default_out_dir(preset_name, dataset)
     values = {**COMMON, **RECIPES[preset_name]}
     base = preset(preset_name)
     if args.resume and (out_dir / "ckpt.pt").is_file():
         saved = checkpoint.load(out_dir / "ckpt.pt")
         values.update({k: v for k, v in saved.get("train_config", {}).items() if k in TUNABLE})
+        dataset = args.dataset or saved.get("train_config", {}).get("dataset", dataset)
         if args.preset is None:  # the architecture of the run being resumed
             base = GPTConfig.from_dict(saved["model_config"])
     values.update({k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None})
@@ -152,7 +154,7 @@ def resolve(args) -> tuple:
         raise SlmError(f"--min-lr ({values['min_lr']}) must not exceed --lr ({values['lr']})")
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     model_config = dataclasses.replace(base, **overrides)
-    cfg = TrainConfig(dataset=args.dataset, out_dir=str(out_dir), compile=args.compile,
+    cfg = TrainConfig(dataset=dataset, out_dir=str(out_dir), compile=args.compile,
                       resume=args.resume,
                       init_from=str(args.init_from) if args.init_from else None,
                       plots=not args.no_plots, **values)
