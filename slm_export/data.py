@@ -53,6 +53,8 @@ class Source:
         """Folder name under the data root: readable, and distinct per source and options."""
         if self.dataset == "stories":
             base = f"stories-{self.stories}-s{self.seed}"
+            if self.val_fraction != Source.val_fraction:
+                base += f"-v{self.val_fraction:g}"
         else:
             base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.dataset).name or self.dataset)
             key = f"{Path(self.dataset).resolve() if Path(self.dataset).exists() else self.dataset}"

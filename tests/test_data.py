@@ -151,3 +151,10 @@ def test_get_batch_windows(root):
     assert all(np.array_equal(tokens[s:s + 128], x[i].numpy()) for i, s in enumerate(starts))
     with pytest.raises(SlmError, match="fewer than block_size"):
         data.get_batch(tokens[:50], 2, 128, g)
+
+
+def test_val_fraction_is_part_of_the_stories_folder(root):
+    default = data.prepare(data.Source(stories=200, seed=1), root)
+    wider = data.prepare(data.Source(stories=200, seed=1, val_fraction=0.1), root)
+    assert wider.root != default.root
+    assert wider.meta["splits"]["val"]["documents"] == 20
