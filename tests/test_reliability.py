@@ -47,3 +47,26 @@ def test_tokenizer_handles_any_bytes(raw):
     # arbitrary token ids decode without raising (invalid UTF-8 becomes U+FFFD)
     pairs = [raw[i] * 256 + raw[i + 1] for i in range(0, len(raw) - 1, 2)]
     tokenizer.decode([t for t in pairs if t < tokenizer.N_VOCAB])
+
+
+def test_os_errors_are_one_line_exit_2(capsys):
+    from slm_export.cli.common import entry_point
+
+    @entry_point
+    def full_disk(argv):
+        raise OSError(28, "No space left on device", "artifacts/runs/x/plots/loss.png")
+
+    assert full_disk([]) == 2
+    assert capsys.readouterr().err == (
+        "error: artifacts/runs/x/plots/loss.png: No space left on device\n")
+
+
+def test_closed_stdout_pipe_is_not_an_error(tiny_ckpt):
+    # `generate.py | head -c 20`: the reader leaves early; no traceback, exit 0
+    proc = subprocess.run(
+        f"{sys.executable} generate.py --model {tiny_ckpt} --greedy "
+        "--max-new-tokens 100 --num-samples 20 --stream | head -c 20",
+        shell=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+        timeout=300)
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+    assert len(proc.stdout) == 20
