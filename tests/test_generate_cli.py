@@ -165,3 +165,19 @@ def test_cuda_without_cuda_is_one_line(tiny_ckpt):
     proc = _cli(["--model", tiny_ckpt, "--device", "cuda", "--max-new-tokens", "2"])
     assert proc.returncode == 2 and "CUDA" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
+def test_ort_variants_through_the_cli(variant, scripted_ckpt, tmp_path_factory, capsys):
+    from slm_export.cli.export import main as export_main
+
+    folder = Path(scripted_ckpt).parent / "export"
+    if not (folder / "manifest.json").exists():
+        assert export_main(["--checkpoint", scripted_ckpt, "--out-dir", str(folder), "--format",
+                            "onnx", "--quantize", "int8", "--dtype", "fp16", "--no-verify"]) == 0
+    capsys.readouterr()
+    assert main(["--backend", "ort", "--variant", variant, "--model", str(folder),
+                 "--prompt", PROMPT, "--greedy", "--no-stream", "--max-new-tokens", "40",
+                 "--overflow", "slide"]) == 0
+    assert capsys.readouterr().out.strip() == (PROMPT + SCRIPT_TEXT).strip()

@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from slm_export.cli.common import ArgumentParser, entry_point, non_negative_float, positive_int
+from slm_export.cli.common import (
+    ArgumentParser,
+    entry_point,
+    non_negative_float,
+    positive_int,
+    seed,
+)
 from slm_export.errors import SlmError
 
 DEFAULT_MODEL = Path("artifacts/runs/latest")
@@ -42,7 +48,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-p", type=top_p_value, default=None,
                    help="nucleus sampling: the most likely tokens holding this much probability")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="makes sampling reproducible (same seed, device and backend: same text)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -51,8 +57,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
-    p.add_argument("--variant", choices=("fp32", "int8"), default="fp32",
-                   help="ONNX model variant for the ort backend (default fp32)")
+    p.add_argument("--variant", choices=("fp32", "int8", "fp16"), default="fp32",
+                   help="ONNX model variant for the ort backend, as written by export.py "
+                        "--quantize int8 / --dtype fp16 (default fp32)")
     return p
 
 

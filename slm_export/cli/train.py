@@ -20,6 +20,7 @@ from slm_export.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed,
 )
 from slm_export.config import PRESETS, GPTConfig, preset
 from slm_export.data import Source
@@ -97,7 +98,7 @@ def build_parser() -> ArgumentParser:
                    help="AdamW decay on matrices and embeddings, not biases/LayerNorm (default 0.1)")
     g.add_argument("--grad-clip", type=non_negative_float,
                    help="clip the global gradient norm to this; 0 disables (default 1.0)")
-    g.add_argument("--seed", type=int, help="seed of weights, data order and eval batches (default 42)")
+    g.add_argument("--seed", type=seed, help="seed of weights, data order and eval batches (default 42)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=positive_int,
                    help="evaluate, log metrics.jsonl and write ckpt.pt every this many steps")
