@@ -150,10 +150,16 @@ def _check_entry(folder: Path, name: str, entry: Any, verify_hashes: bool) -> No
         raise SlmError(f"{path}: SHA-256 mismatch with the manifest (modified; re-export)")
 
 
-def file_for(manifest: dict, folder: str | os.PathLike, kind: str, dtype: str = "fp32") -> Path:
-    """The path of the file of this kind and dtype the manifest lists, or a one-line error."""
+def file_for(manifest: dict, folder: str | os.PathLike, kind: str, dtype: str = "fp32",
+             verify_hash: bool = False) -> Path:
+    """The path of the file of this kind and dtype the manifest lists, or a one-line error.
+
+    ``verify_hash`` checks that one file's size and SHA-256 (a runtime loading one file of
+    a large export need not hash all the others).
+    """
     for name, entry in manifest["files"].items():
         if entry.get("kind") == kind and entry.get("dtype") == dtype:
+            _check_entry(Path(folder), name, entry, verify_hash)
             return Path(folder) / name
     have = sorted(f"{e.get('kind')}/{e.get('dtype')}" for e in manifest["files"].values())
     raise SlmError(f"export in {folder} has no {kind} file in {dtype} "
