@@ -25,6 +25,37 @@ VERSION = 1
 KINDS = ("train", "weights")
 
 
+def remove_stale_temps(path: str | os.PathLike, tags: tuple[str, ...] = ("tmp",)) -> None:
+    """Delete ``.<name>.<tag><pid>`` leftovers of ``path`` whose process is gone.
+
+    A process killed mid-write (SIGKILL, power loss) leaves its temp file or staging folder
+    behind under its own pid; the next writer of the same path removes it.
+    """
+    import shutil
+
+    path = Path(path)
+    for tag in tags:
+        prefix = f".{path.name}.{tag}"
+        for stale in path.parent.glob(f"{prefix}*"):
+            pid = stale.name[len(prefix):]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
 
@@ -33,6 +64,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -86,3 +86,20 @@ def test_failed_write_keeps_previous_file(tmp_path, tiny_model):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
     assert checkpoint.load(path)["step"] == 1
+
+
+def test_leftovers_of_killed_writers_are_removed(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # a process that has exited: its temp file is stale
+    path = tmp_path / "ckpt.pt"
+    stale = tmp_path / f".ckpt.pt.tmp{dead_pid}"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".ckpt.pt.tmp{os.getppid()}"  # a writer that is still running
+    live.write_bytes(b"in progress")
+    checkpoint.save(checkpoint.weights_payload(tiny_model, tiny_model.config), path)
+    assert not stale.exists() and live.exists()
+    assert checkpoint.load(path)["kind"] == "weights"

@@ -240,3 +240,25 @@ def test_cli_errors_in_process(tmp_path, tiny_ckpt, capsys):
         assert_one_line_error(capsys.readouterr().err, needle)
     assert not (tmp_path / "export").exists()  # nothing written for the corrupt checkpoint
     assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")]
+
+
+def test_export_killed_while_publishing_is_recovered(tmp_path):
+    import subprocess
+
+    from slm_export.cli.export import _recover_killed_publish
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    out = tmp_path / "export"
+    old = tmp_path / f".export.old{dead}"  # moved aside, the new folder never arrived
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    staging = tmp_path / f".export.tmp{dead}"
+    staging.mkdir()
+    _recover_killed_publish(out)
+    assert (out / "manifest.json").read_text() == "{}"
+    assert not old.exists()
+    from slm_export.checkpoint import remove_stale_temps
+
+    remove_stale_temps(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slm_export.checkpoint import load_model
+from slm_export.checkpoint import load_model, remove_stale_temps
 from slm_export.cli.common import ArgumentParser, entry_point
 from slm_export.errors import SlmError
 from slm_export.export import onnx as onnx_export
@@ -66,6 +66,16 @@ def _resolve_out(args, checkpoint: Path) -> Path:
         raise SlmError(f"--out-dir {out} is not empty and is not an export folder "
                        f"(no {MANIFEST}); choose another folder")
     return out
+
+
+def _recover_killed_publish(out: Path) -> None:
+    """An export killed inside ``_publish`` may have moved the previous folder aside and not
+    yet put the new one in place: put the previous one back (then stale leftovers go)."""
+    if not out.exists():
+        for old in sorted(out.parent.glob(f".{out.name}.old*")):
+            os.replace(old, out)
+            break
+    remove_stale_temps(out, tags=("old",))
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -157,6 +167,8 @@ def main(argv=None) -> int:
     formats = FORMATS[args.format]
     variants = [v for v in (args.quantize, "fp16" if args.dtype == "fp16" else None) if v]
 
+    _recover_killed_publish(out)
+    remove_stale_temps(out)  # a staging folder left by an export that was killed
     staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
