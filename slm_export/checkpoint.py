@@ -9,6 +9,7 @@ Nothing is guessed from file names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -18,11 +19,20 @@ from typing import Any
 import torch
 
 from slm_export.config import GPTConfig
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-checkpoint"
 VERSION = 1
 KINDS = ("train", "weights")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def remove_stale_temps(path: str | os.PathLike, tags: tuple[str, ...] = ("tmp",)) -> None:
@@ -118,7 +128,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
                            "beyond tensors and plain data (possible code execution)") from None
         raise SlmError(f"checkpoint is truncated or corrupt: {path}") from None
     except Exception as e:  # on garbage torch's unpickler fails with many types (IndexError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SlmError(f"checkpoint is truncated or corrupt: {path} ({first[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise SlmError(f"{path} is not an slm-export checkpoint")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from slm_export import tokenizer
-from slm_export.checkpoint import atomic_write
-from slm_export.errors import SlmError
+from slm_export.checkpoint import atomic_write, sha256_file
+from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-data"
 VERSION = 1
@@ -84,7 +84,7 @@ class TokenData:
 
     def verify_checksums(self) -> None:
         for split in SPLITS:
-            digest = _sha256_file(self.root / f"{split}.bin")
+            digest = sha256_file(self.root / f"{split}.bin")
             if digest != self.meta["splits"][split]["sha256"]:
                 raise SlmError(f"{self.root / f'{split}.bin'}: SHA-256 disagrees with meta.json")
 
@@ -194,7 +194,7 @@ def _load_dataset(name: str):
             return datasets.load_dataset(builder, data_files=[str(p) for p in files],
                                          **extra)
         except Exception as e:  # malformed JSON / parquet raise builder-specific types
-            raise SlmError(f"cannot read {name}: {_first_line(e)}") from None
+            raise SlmError(f"cannot read {name}: {first_line(e)}") from None
     hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
     if path.suffix in LOCAL_BUILDERS or not hub_like:
         raise SlmError(f"dataset file not found: {name}")
@@ -203,7 +203,7 @@ def _load_dataset(name: str):
     except Exception as e:  # offline: ConnectionError / OfflineModeIsEnabled; others vary
         raise SlmError(
             f"cannot load {name!r} from the Hugging Face hub ({type(e).__name__}: "
-            f"{_first_line(e)[:100]}); offline, use a local .txt/.jsonl/.parquet file or "
+            f"{first_line(e)[:100]}); offline, use a local .txt/.jsonl/.parquet file or "
             "--dataset stories") from None
 
 
@@ -213,11 +213,6 @@ def _check_field(ds, source: Source) -> None:
     if missing:
         raise SlmError(f"dataset {source.dataset!r} has no {', '.join(sorted(missing))!r} "
                        f"field (columns: {', '.join(ds.column_names)}); use --text-field")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- tokenizing -----------------------------------------------------------------------------
@@ -263,14 +258,6 @@ def _write_split(ds, text_field: str, path: Path, num_proc: int | None) -> dict:
     if count == 0:
         raise SlmError(f"{path.stem} split holds no text after tokenizing")
     return {"tokens": count, "documents": len(ds), "sha256": sha.hexdigest()}
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _read_meta(root: Path) -> dict:

@@ -27,7 +27,7 @@ from slm_export import checkpoint, optim
 from slm_export.config import GPTConfig
 from slm_export.data import Source, TokenData, get_batch, prepare
 from slm_export.devices import resolve_device
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.model import GPT
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own generator: seed + this
@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, d: Dist, device: torch.dev
             raw_model.load_state_dict(init_weights)
         except RuntimeError as e:
             raise SlmError(f"--init-from {cfg.init_from}: weights do not match its model config "
-                           f"({str(e).splitlines()[0][:120]})") from None
+                           f"({first_line(e, 120)})") from None
     raw_model.to(device)
     optimizer = optim.make_optimizer(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      device_type=device.type)

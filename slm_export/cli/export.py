@@ -15,7 +15,7 @@ import torch
 
 from slm_export.checkpoint import load_model, remove_stale_temps
 from slm_export.cli.common import ArgumentParser, entry_point
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.export import onnx as onnx_export
 from slm_export.export import torchscript, verify
 from slm_export.export.manifest import MANIFEST, file_entry, write_manifest
@@ -144,7 +144,7 @@ def _verify_variant(model, folder: Path, dtype: str) -> dict:
     except Exception as e:  # e.g. ORT without fp16 kernels for an op on this device
         if dtype != "fp16":
             raise
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         print(f"fp16 check skipped: ONNX Runtime cannot run it here ({reason})")
         return {"dtype": dtype, "skipped": reason}
     result["providers"] = providers or ["CPUExecutionProvider"]

@@ -8,29 +8,20 @@ names: ``file_for(manifest, folder, "onnx_kv", "int8")`` asks the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from slm_export.checkpoint import atomic_write
-from slm_export.errors import SlmError
+from slm_export.checkpoint import atomic_write, sha256_file
+from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-export"
 VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "hf", "hf_config")
 DTYPES = ("fp32", "fp16", "int8")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_version(name: str) -> str | None:
@@ -119,7 +110,7 @@ def read_manifest(folder: str | os.PathLike, verify_hashes: bool = True) -> dict
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SlmError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        raise SlmError(f"{path} is not valid JSON ({first_line(e, 120)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SlmError(f"{path} is not an slm-export export manifest")
     if manifest.get("version") != VERSION:

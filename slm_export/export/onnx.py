@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from slm_export.checkpoint import atomic_write
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.export import KVModule, LogitsModule
 from slm_export.export.manifest import file_metadata
 from slm_export.export.torchscript import example_inputs
@@ -89,7 +89,7 @@ def _export(module: torch.nn.Module, args: tuple, io: dict, opset: int) -> onnx.
                 dynamic_shapes=dynamic,
             )
     except Exception as e:  # the exporter raises many types; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SlmError(f"ONNX export failed ({type(e).__name__}: {first[:160]})") from None
     proto = program.model_proto
     _name_axes(proto, io)
@@ -257,5 +257,5 @@ def session(path: str | os.PathLike, providers: list[str] | None = None):
         return ort.InferenceSession(str(path), options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SlmError(f"ONNX Runtime cannot load {path} ({first[:160]})") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from slm_export.checkpoint import atomic_write
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.export import KVModule, LogitsModule
 from slm_export.export.manifest import file_metadata
 
@@ -74,7 +74,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> tuple[torch.jit.ScriptM
         with quiet_jit():
             module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SlmError(f"cannot load TorchScript file {path} ({first[:120]})") from None
     try:
         metadata = json.loads(extra[CONFIG_FILE])

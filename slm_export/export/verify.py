@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch.nn import functional as F
 
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.export import KVModule, LogitsModule
 
 TOLERANCE = 1e-4  # max |logit difference| for fp32 files
@@ -36,7 +36,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise SlmError(f"{path.name} fails onnx.checker ({str(e).splitlines()[0][:160]})") \
+        raise SlmError(f"{path.name} fails onnx.checker ({first_line(e)})") \
             from None
 
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from slm_export.errors import SlmError
+from slm_export.errors import SlmError, first_line
 from slm_export.runtime.base import State, check_prefill, export_file, window_mask
 
 INPUTS = ("input_ids", "past_key_values", "attention_mask")
@@ -59,7 +59,7 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), session_options(threads),
                                                 providers=providers)
         except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidProtobuf)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise SlmError(f"cannot load ONNX file {path} ({first[:160]})") from None
         names_in = {i.name for i in self.session.get_inputs()}
         names_out = {o.name for o in self.session.get_outputs()}
