@@ -150,14 +150,12 @@ def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | N
 def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0) -> list[Path]:
     """Draw every plot for a run folder (metrics.jsonl + best.pt or ckpt.pt) -> the PNG paths."""
     from slm_export import checkpoint
-    from slm_export.config import GPTConfig
-    from slm_export.model import GPT
 
     run_dir = Path(run_dir)
     ckpt_path = next((p for p in (run_dir / "best.pt", run_dir / "ckpt.pt") if p.is_file()), None)
     if ckpt_path is None:
         raise SlmError(f"{run_dir}: no best.pt or ckpt.pt to plot")
-    ckpt = checkpoint.load(ckpt_path)
+    model, ckpt = checkpoint.load_model(ckpt_path)  # one-line errors for bad files
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -167,7 +165,5 @@ def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 
     if ckpt.get("train_config"):
         written.append(plot_lr(ckpt["train_config"], out / "lr.png"))
     written.append(plot_weights(ckpt["model"], out / "weights.png"))
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
     written.append(plot_attention(model, out / "attention.png", layer=layer, head=head))
     return written
