@@ -41,17 +41,16 @@ class KVCache(nn.Module):
 
 
 class _GrowingCache:
-    """Functional cache for one layer: concatenates the past with the new keys/values."""
+    """Functional cache for one layer: attends over the past plus the new keys/values and
+    keeps only the new ones; ``forward_kv`` appends all layers' to the past in one copy."""
 
     def __init__(self, past: torch.Tensor):
         self.past = past  # (2, B, nh, P, hs)
-        self.present: torch.Tensor | None = None
+        self.new: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        k = torch.cat([self.past[0], k], dim=2)
-        v = torch.cat([self.past[1], v], dim=2)
-        self.present = torch.stack([k, v])
-        return k, v
+        self.new = torch.stack([k, v])  # (2, B, nh, T, hs)
+        return torch.cat([self.past[0], k], dim=2), torch.cat([self.past[1], v], dim=2)
 
 
 class _StaticSlot:
@@ -193,7 +192,7 @@ class GPT(nn.Module):
         mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
         caches = [_GrowingCache(kv[i]) for i in range(self.config.n_layer)]
         h = self._hidden(idx, pos, caches, mask)
-        present = torch.stack([c.present for c in caches])
+        present = torch.cat([kv, torch.stack([c.new for c in caches])], dim=4)
         return self.lm_head(h[:, -1, :]), present
 
     def new_static_caches(self, batch: int, max_len: int | None = None,

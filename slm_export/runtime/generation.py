@@ -97,7 +97,6 @@ class TokenStream:
         self.history = [list(p[-self.window:]) for p in prompts]  # real tokens per row
         self.prompt_lens = [len(h) for h in self.history]
         self.done = [False] * len(prompts)
-        self.eot = [False] * len(prompts)
         self.stats = Stats(prompt_tokens=sum(len(h) for h in self.history))
         self.step = 0
         self._state: State | None = None
@@ -116,7 +115,7 @@ class TokenStream:
             if self.done[b]:
                 out.append(None)
             elif tok == self.stop_id:
-                self.done[b] = self.eot[b] = True
+                self.done[b] = True  # only <|endoftext|> finishes a row early
                 out.append(None)
             else:
                 self.history[b].append(tok)
@@ -150,7 +149,7 @@ class TokenStream:
     def result(self) -> Generation:
         """The tokens generated so far (consume the stream first for the full result)."""
         tokens = [h[n:] for h, n in zip(self.history, self.prompt_lens, strict=True)]
-        finish = ["eot" if e else "length" for e in self.eot]
+        finish = ["eot" if d else "length" for d in self.done]
         return Generation(tokens=tokens, finish=finish, stats=self.stats)
 
 
