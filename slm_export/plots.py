@@ -44,6 +44,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_losses(metrics: list[dict], out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -53,10 +60,7 @@ def plot_losses(metrics: list[dict], out: Path) -> Path:
     ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_lr(train_config: dict, out: Path) -> Path:
@@ -72,10 +76,7 @@ def plot_lr(train_config: dict, out: Path) -> Path:
            title=f"warmup {cfg.warmup_iters}, cosine to step {cfg.decay_iters}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_weights(state_dict: dict, out: Path) -> Path:
@@ -96,10 +97,7 @@ def plot_weights(state_dict: dict, out: Path) -> Path:
         else:
             ax.set_title(f"{title}: none", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 @torch.no_grad()
@@ -141,10 +139,7 @@ def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | N
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set(xlabel="key", ylabel="query", title=f"attention, layer {layer} head {head}")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0) -> list[Path]:
