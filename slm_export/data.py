@@ -30,7 +30,9 @@ from slm_export.checkpoint import atomic_write, sha256_file
 from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-data"
-VERSION = 1
+VERSION = 2  # 2: the held-out split is drawn by SPLIT_METHOD (1: datasets' shuffle)
+READABLE_VERSIONS = (1, 2)
+SPLIT_METHOD = "numpy.random.default_rng(seed).choice(n_docs, n_val, replace=False)"
 DTYPE = np.uint16  # GPT-2 ids < 65536
 SPLITS = ("train", "val")
 DEFAULT_HUB_DATASET = "roneneldan/TinyStories"
@@ -119,16 +121,17 @@ def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
         try:
             data = TokenData(folder)
             data.verify_checksums()
-            return data
+            if data.meta["version"] == VERSION:  # an older split method: rebuild below
+                return data
         except SlmError:
             pass  # incomplete or damaged: rebuild below
-    splits = _load_splits(source)
+    splits, split_info = _load_splits(source)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # the folder is invalid until rewritten
     meta = {
         "format": FORMAT, "version": VERSION, "tokenizer": tokenizer.TOKENIZER_NAME,
         "eot_id": tokenizer.EOT_ID, "dtype": "uint16", "source": source.dataset,
-        "text_field": source.text_field, "splits": {},
+        "text_field": source.text_field, "split": split_info, "splits": {},
     }
     for split, ds in splits.items():
         meta["splits"][split] = _write_split(ds, source.text_field, folder / f"{split}.bin",
@@ -139,8 +142,9 @@ def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
 
 # -- loading text ---------------------------------------------------------------------------
 
-def _load_splits(source: Source) -> dict:
-    """-> {"train": Dataset, "val": Dataset}, holding out a validation set when needed."""
+def _load_splits(source: Source) -> tuple[dict, dict]:
+    """-> ({"train": Dataset, "val": Dataset}, how val was chosen), holding out a validation
+    set when the source has none."""
     import datasets
 
     if source.dataset == "stories":
@@ -154,19 +158,32 @@ def _load_splits(source: Source) -> dict:
         raise SlmError(f"dataset {source.dataset!r} has no 'train' split "
                        f"(splits: {', '.join(raw) or 'none'})")
     train = raw["train"]
-    val = next((raw[name] for name in VAL_NAMES if name in raw), None)
-    if val is None:
+    val_name = next((name for name in VAL_NAMES if name in raw), None)
+    if val_name is not None:
+        val, split_info = raw[val_name], {"method": f"the source's {val_name!r} split"}
+    else:
         if len(train) < 2:
             raise SlmError(f"dataset {source.dataset!r} has {len(train)} document(s): "
                            "too few to hold out a validation split")
-        n_val = max(1, round(source.val_fraction * len(train)))
-        held = train.train_test_split(test_size=n_val, seed=source.seed, shuffle=True)
-        train, val = held["train"], held["test"]
+        train, val = _hold_out(train, source.val_fraction, source.seed)
+        split_info = {"method": SPLIT_METHOD, "seed": source.seed,
+                      "val_fraction": source.val_fraction}
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise SlmError(f"dataset {source.dataset!r}: the {split} split is empty")
     _check_field(train, source)
-    return {"train": train, "val": val}
+    return {"train": train, "val": val}, split_info
+
+
+def _hold_out(ds, fraction: float, seed: int):
+    """Split ``ds`` into (train, val) with our own seeded RNG (``SPLIT_METHOD``), so a seed
+    holds out the same documents whatever the ``datasets`` version (``train_test_split``'s
+    shuffle changed between versions). Both splits keep the corpus order."""
+    n_val = max(1, round(fraction * len(ds)))
+    held = np.random.default_rng(seed).choice(len(ds), size=n_val, replace=False)
+    is_val = np.zeros(len(ds), dtype=bool)
+    is_val[held] = True
+    return ds.select(np.flatnonzero(~is_val)), ds.select(np.flatnonzero(is_val))
 
 
 def _story_rows(n: int, seed: int):
@@ -270,6 +287,8 @@ def _read_meta(root: Path) -> dict:
         raise SlmError(f"{path}: not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SlmError(f"{path}: not an slm-export data folder")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise SlmError(f"{path}: unsupported data format version {meta.get('version')!r}")
     if meta.get("dtype") != "uint16" or set(meta.get("splits", {})) != set(SPLITS):
         raise SlmError(f"{path}: expected uint16 train/val splits")
     return meta
