@@ -9,7 +9,6 @@ Nothing is guessed from file names.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from slm_export.artifacts.files import atomic_write
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError, first_line
 
@@ -26,75 +26,10 @@ VERSION = 1
 KINDS = ("train", "weights")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def remove_stale_temps(path: str | os.PathLike, tags: tuple[str, ...] = ("tmp",)) -> None:
-    """Delete ``.<name>.<tag><pid>`` leftovers of ``path`` whose process is gone.
-
-    A process killed mid-write (SIGKILL, power loss) leaves its temp file or staging folder
-    behind under its own pid; the next writer of the same path removes it.
-    """
-    import shutil
-
-    path = Path(path)
-    for tag in tags:
-        prefix = f".{path.name}.{tag}"
-        for stale in path.parent.glob(f"{prefix}*"):
-            pid = stale.name[len(prefix):]
-            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-                continue
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
-
-    A crash (or a full disk) at any moment leaves either the old file or the new one,
-    never a partial file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save(payload: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically save a checkpoint dict (which must carry ``kind`` and ``model_config``)."""
-    assert payload.get("kind") in KINDS and "model_config" in payload
+    if payload.get("kind") not in KINDS or "model_config" not in payload:
+        raise ValueError(f"a checkpoint payload needs kind in {KINDS} and model_config")
     payload = {"format": FORMAT, "version": VERSION, **payload}
     atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -128,8 +63,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
                            "beyond tensors and plain data (possible code execution)") from None
         raise SlmError(f"checkpoint is truncated or corrupt: {path}") from None
     except Exception as e:  # on garbage torch's unpickler fails with many types (IndexError, ...)
-        first = first_line(e)
-        raise SlmError(f"checkpoint is truncated or corrupt: {path} ({first[:120]})") from None
+        raise SlmError(f"checkpoint is truncated or corrupt: {path} ({first_line(e, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise SlmError(f"{path} is not an slm-export checkpoint")
     if ckpt.get("version") != VERSION:

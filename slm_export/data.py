@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from slm_export import tokenizer
-from slm_export.checkpoint import atomic_write, sha256_file
+from slm_export.artifacts.files import atomic_write, sha256_file
 from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-data"
@@ -220,7 +220,7 @@ def _load_dataset(name: str):
     except Exception as e:  # offline: ConnectionError / OfflineModeIsEnabled; others vary
         raise SlmError(
             f"cannot load {name!r} from the Hugging Face hub ({type(e).__name__}: "
-            f"{first_line(e)[:100]}); offline, use a local .txt/.jsonl/.parquet file or "
+            f"{first_line(e, 100)}); offline, use a local .txt/.jsonl/.parquet file or "
             "--dataset stories") from None
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from slm_export import checkpoint
+from slm_export.artifacts.files import atomic_write
 from slm_export.config import PRESETS, GPTConfig
 from slm_export.errors import SlmError
 from slm_export.model import GPT
@@ -82,7 +83,7 @@ def test_failed_write_keeps_previous_file(tmp_path, tiny_model):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        checkpoint.atomic_write(path, disk_full)
+        atomic_write(path, disk_full)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
     assert checkpoint.load(path)["step"] == 1

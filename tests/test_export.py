@@ -258,7 +258,7 @@ def test_export_killed_while_publishing_is_recovered(tmp_path):
     _recover_killed_publish(out)
     assert (out / "manifest.json").read_text() == "{}"
     assert not old.exists()
-    from slm_export.checkpoint import remove_stale_temps
+    from slm_export.artifacts.files import remove_stale_temps
 
     remove_stale_temps(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from slm_export.checkpoint import load_model, remove_stale_temps
+from slm_export.artifacts.files import remove_stale_temps
+from slm_export.checkpoint import load_model
 from slm_export.cli.common import ArgumentParser, entry_point
 from slm_export.errors import SlmError, first_line
 from slm_export.export import onnx as onnx_export

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slm_export.checkpoint import atomic_write
+from slm_export.artifacts.files import atomic_write
 from slm_export.errors import SlmError
 from slm_export.tokenizer import EOT_ID
 

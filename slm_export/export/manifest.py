@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from slm_export.checkpoint import atomic_write, sha256_file
+from slm_export.artifacts.files import atomic_write, sha256_file
 from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-export"

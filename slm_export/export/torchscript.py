@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from slm_export.checkpoint import atomic_write
+from slm_export.artifacts.files import atomic_write
 from slm_export.errors import SlmError, first_line
 from slm_export.export import KVModule, LogitsModule
 from slm_export.export.manifest import file_metadata
