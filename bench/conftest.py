@@ -100,29 +100,26 @@ _BENCH: Bench | None = None
 
 def _export(run_dir: Path, ckpt_path: Path) -> None:
     """Export ``ckpt_path`` into ``run_dir/export`` (TorchScript, ONNX, int8 and fp16 ONNX),
-    through the same CLI users run (so the int8 validation-loss delta lands in the manifest)."""
-    from slm_export.cli.export import main as export_main
+    verified, through the same library call export.py makes."""
+    from slm_export.export import build
 
     out = run_dir / "export"
     shutil.rmtree(out, ignore_errors=True)  # our own cache: a stale or partial export goes
-    rc = export_main(["--checkpoint", str(ckpt_path), "--out-dir", str(out),
-                      "--quantize", "int8", "--dtype", "fp16"])
-    if rc:
-        raise RuntimeError(f"export of the benchmark model failed (exit code {rc})")
+    build(ckpt_path, out, variants=("int8", "fp16"))
 
 
 def _random_model(preset: str, refresh: bool) -> Path:
     """artifacts/bench/model-<preset>/{best.pt, export/}: seeded random weights, exported once."""
     from slm_export import checkpoint
+    from slm_export.artifacts.manifest import Manifest
     from slm_export.config import preset as get_preset
-    from slm_export.export.manifest import read_manifest
     from slm_export.model import GPT
 
     run_dir = ARTIFACTS / f"model-{preset}"
     ckpt_path = run_dir / "best.pt"
     if not refresh and ckpt_path.is_file():
         try:
-            read_manifest(run_dir / "export", verify_hashes=False)
+            Manifest.read(run_dir / "export", verify_hashes=False)
             return run_dir
         except Exception:
             pass  # a partial or stale export: write it again
@@ -138,9 +135,9 @@ def _random_model(preset: str, refresh: bool) -> Path:
 
 
 def _model_config(model_dir: Path):
+    from slm_export.artifacts.manifest import Manifest
     from slm_export.checkpoint import load
     from slm_export.config import GPTConfig
-    from slm_export.export.manifest import read_manifest
     from slm_export.runtime import resolve_model_path
 
     for backend in ("eager", "ort"):
@@ -150,7 +147,7 @@ def _model_config(model_dir: Path):
             continue
         if backend == "eager":
             return GPTConfig.from_dict(load(target)["model_config"])
-        return GPTConfig.from_dict(read_manifest(target, verify_hashes=False)["model_config"])
+        return Manifest.read(target, verify_hashes=False).config
     raise pytest.UsageError(f"--bench-model {model_dir}: neither a checkpoint nor an export folder")
 
 

@@ -70,14 +70,6 @@ def _eager_lm_t(bench):
     return "eager", backend_for_model("eager", model), contextlib.nullcontext()
 
 
-def _compiled_freezing(bench):
-    from slm_export.runtime import load_backend
-
-    torch._dynamo.reset()
-    patch = torch._inductor.config.patch(freezing=True)
-    return "compiled", load_backend("compiled", bench.model_dir, bench.device), patch
-
-
 def _torchscript_no_profiling(bench):
     from slm_export.runtime import load_backend
 
@@ -85,8 +77,7 @@ def _torchscript_no_profiling(bench):
         contextlib.nullcontext()
 
 
-EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "inductor-freezing": _compiled_freezing,
-               "jit-optimize-off": _torchscript_no_profiling}
+EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "jit-optimize-off": _torchscript_no_profiling}
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))

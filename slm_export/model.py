@@ -172,12 +172,10 @@ class GPT(nn.Module):
                                ignore_index=-1)
         return logits, loss
 
-    def empty_kv(self, batch: int, device=None, dtype=None) -> torch.Tensor:
-        """A cache with no past positions, to start ``forward_kv`` from."""
-        c = self.config
+    def empty_kv(self, batch: int) -> torch.Tensor:
+        """A cache with no past positions, on the weights' device and dtype."""
         ref = self.lm_head.weight
-        return torch.zeros(c.n_layer, 2, batch, c.n_head, 0, c.head_dim,
-                           device=device or ref.device, dtype=dtype or ref.dtype)
+        return empty_kv(self.config, batch, ref.device, ref.dtype)
 
     def forward_kv(self, idx: torch.Tensor, kv: torch.Tensor,
                    attention_mask: torch.Tensor | None = None):
@@ -215,6 +213,14 @@ class GPT(nn.Module):
         slots = [_StaticSlot(cache, input_pos) for cache in caches]
         h = self._hidden(idx, pos, slots, mask)
         return self.lm_head(h[:, -1, :])
+
+
+def empty_kv(config: GPTConfig, batch: int, device=None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A functional cache with no past positions: (n_layer, 2, batch, n_head, 0, head_dim),
+    the layout ``forward_kv`` and the exported cache graphs take."""
+    c = config
+    return torch.zeros(c.n_layer, 2, batch, c.n_head, 0, c.head_dim, device=device, dtype=dtype)
 
 
 def positions(ref: torch.Tensor, start, n) -> torch.Tensor:

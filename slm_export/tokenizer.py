@@ -25,7 +25,6 @@ from slm_export.errors import SlmError
 TOKENIZER_NAME = "gpt2"
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
-N_VOCAB = 50257
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 BPE_ENV = "SLM_GPT2_BPE"  # optional explicit path to a gpt2.tiktoken file
 

@@ -16,10 +16,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from slm_export.artifacts.manifest import Manifest
 from slm_export.cli.export import main
 from slm_export.errors import SlmError
 from slm_export.export import verify
-from slm_export.export.manifest import file_for, read_manifest
+from slm_export.export.signatures import LogitsModule
+from slm_export.runtime import GREEDY, backend_for_model, generate, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -53,19 +55,20 @@ def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model)
              "model_kv.int8.onnx", "manifest.json"}
     assert {p.name for p in export_dir.iterdir()} == names
     assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".export")]
-    m = read_manifest(export_dir)
-    assert m["model_config"] == tiny_model.config.to_dict()
-    assert (m["tokenizer"], m["step"], m["source_checkpoint"]) == ("gpt2", 0, tiny_ckpt)
-    assert m["opset"] == 18 and set(m["versions"]) == {"torch", "onnx", "onnxruntime", "slm_export"}
-    assert file_for(m, export_dir, "onnx_kv") == export_dir / "model_kv.onnx"
-    assert file_for(m, export_dir, "torchscript_kv") == export_dir / "model_kv.ts"
-    assert file_for(m, export_dir, "onnx_kv", "int8") == export_dir / "model_kv.int8.onnx"
+    m = Manifest.read(export_dir)
+    assert m.config == tiny_model.config
+    assert (m.data["tokenizer"], m.data["step"], m.data["source_checkpoint"]) == ("gpt2", 0, tiny_ckpt)
+    assert m.data["opset"] == 18
+    assert set(m.data["versions"]) == {"torch", "onnx", "onnxruntime", "slm_export"}
+    assert m.file("onnx_kv") == export_dir / "model_kv.onnx"
+    assert m.file("torchscript_kv") == export_dir / "model_kv.ts"
+    assert m.file("onnx_kv", "int8") == export_dir / "model_kv.int8.onnx"
     with pytest.raises(SlmError, match="no onnx file in fp16"):
-        file_for(m, export_dir, "onnx", "fp16")
-    checks = m["verification"]
+        m.file("onnx", "fp16")
+    checks = m.data["verification"]
     for name in ("model.onnx", "model_kv.onnx", "model.ts", "model_kv.ts"):
         assert 0 <= checks[name]["max_abs_diff"] <= 1e-4 and checks[name]["shapes"] >= 8
-    assert checks["greedy"]["identical"] and checks["greedy"]["tokens"] == 32
+    assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": ["ort", "torchscript"]}
     # The tied embedding / lm_head matrix is stored once.
     big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
            if 50257 in i.dims]
@@ -134,18 +137,19 @@ def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
         assert "torch" in json.loads(meta["versions"])
 
 
-def test_int8_variant_runs_and_records_loss_delta(export_dir, tiny_model):
-    m = read_manifest(export_dir)
-    assert m["files"]["model_kv.int8.onnx"]["dtype"] == "int8"
-    assert m["files"]["model_kv.int8.onnx"]["bytes"] < m["files"]["model_kv.onnx"]["bytes"] / 1.5
-    delta = m["int8_val_loss_delta"]
-    assert math.isfinite(delta) and abs(delta) < 0.5
-    assert m["verification"]["int8"]["val_loss_delta"] == delta
+def test_int8_variant_runs_and_records_its_quality(export_dir, tiny_model):
+    m = Manifest.read(export_dir)
+    assert m.files["model_kv.int8.onnx"]["dtype"] == "int8"
+    assert m.files["model_kv.int8.onnx"]["bytes"] < m.files["model_kv.onnx"]["bytes"] / 1.5
+    r = m.data["verification"]["int8"]
+    assert math.isfinite(r["loss_delta"]) and r["loss_delta"] == r["loss"] - r["loss_fp32"]
+    assert r["providers"] == ["CPUExecutionProvider"] and r["tokens"] == 4 * 128
     # Greedy decoding through the int8 cache graph mostly agrees with eager fp32.
-    sess = cpu_session(export_dir / "model_kv.int8.onnx")
-    prompt = torch.randint(0, 50257, (2, 8))
-    got = verify.greedy(verify.ort_kv(sess), tiny_model, prompt, steps=8)
-    want = verify.greedy(lambda *a: eager_kv(tiny_model, *a), tiny_model, prompt, steps=8)
+    backend = load_backend("ort", export_dir, variant="int8")
+    prompts = torch.randint(0, 50257, (2, 8)).tolist()
+    kw = dict(max_new_tokens=8, sampling=GREEDY, stop_id=None)
+    got = generate(backend, prompts, **kw).tokens
+    want = generate(backend_for_model("eager", tiny_model), prompts, **kw).tokens
     agree = np.mean(np.array(got) == np.array(want))
     assert agree >= 0.5, (got, want)
 
@@ -157,19 +161,36 @@ def test_tampered_or_truncated_file_is_detected(export_dir, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(SlmError, match=r"model\.onnx: SHA-256 mismatch"):
-        read_manifest(copy)
-    read_manifest(copy, verify_hashes=False)  # existence is still checked, hashes are not
+        Manifest.read(copy)
+    Manifest.read(copy, verify_hashes=False)  # existence is still checked, hashes are not
     (copy / "model.ts").write_bytes(b"truncated")
     (copy / "model.onnx").unlink()
     with pytest.raises(SlmError, match=r"model\.onnx is listed in the manifest but missing"):
-        read_manifest(copy)
+        Manifest.read(copy)
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(SlmError, match="not valid JSON"):
-        read_manifest(copy)
+        Manifest.read(copy)
+
+
+class NegatedAfter:
+    """A backend that is eager except for its decode after ``at`` positions (negated logits)."""
+
+    name = "bad"
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at = inner, at
+        self.config, self.device = inner.config, inner.device
+
+    def prefill(self, ids, attention_mask=None):
+        return self.inner.prefill(ids, attention_mask)
+
+    def decode(self, tokens, state):
+        logits, new = self.inner.decode(tokens, state)
+        return (-logits if state.length == self.at else logits), new
 
 
 def test_verification_names_the_diverging_shape(tiny_model):
-    eager = verify.LogitsModule(tiny_model)
+    eager = LogitsModule(tiny_model)
 
     def off_at_64(ids):
         with torch.no_grad():
@@ -177,17 +198,14 @@ def test_verification_names_the_diverging_shape(tiny_model):
         return out + 1e-3 if ids.size(1) == 64 else out
 
     with pytest.raises(SlmError, match=r"bad\.onnx: input_ids \[1, 64\]: max \|diff\|"):
-        verify.verify_logits(tiny_model, {"bad.onnx": off_at_64}, lengths=(1, 64))
-
-    def wrong_after_past(ids, past, mask):
-        logits, present = eager_kv(tiny_model, ids, past, mask)
-        return (-logits, present) if past.size(4) == 31 else (logits, present)
-
-    with pytest.raises(SlmError, match=r"input_ids \[1, 7\] after past_sequence 31"):
-        verify.verify_kv(tiny_model, {"bad_kv.onnx": wrong_after_past}, batches=(1,),
-                         cases=((0, 1), (31, 7)))
-    with pytest.raises(SlmError, match="greedy continuation differs"):
-        verify.verify_greedy(tiny_model, {"bad_kv.onnx": wrong_after_past}, steps=30)
+        verify.compare_logits(tiny_model, {"bad.onnx": off_at_64}, lengths=(1, 64))
+    reference = backend_for_model("eager", tiny_model)
+    bad = NegatedAfter(backend_for_model("eager", tiny_model), at=31)
+    with pytest.raises(SlmError, match=r"bad_kv\.onnx: input_ids \[1, 7\] after past_sequence 31"):
+        verify.compare_backend(reference, bad, "bad_kv.onnx", batches=(1,), cases=((0, 1), (31, 7)))
+    assert verify.compare_backend(reference, bad, "fine", batches=(1,), cases=((1, 7),))
+    with pytest.raises(SlmError, match="bad: greedy continuation differs from eager at token"):
+        verify.compare_generation(reference, {"bad": bad}, [[464, 1310], [7454]], new_tokens=40)
 
 
 def test_hf_export_loads_in_transformers(tiny_ckpt, tiny_model, tmp_path):
@@ -195,14 +213,13 @@ def test_hf_export_loads_in_transformers(tiny_ckpt, tiny_model, tmp_path):
         "transformers", reason="transformers not installed (optional: pip install .[hf])")
     out = tmp_path / "hf_export"
     assert main(["--checkpoint", tiny_ckpt, "--format", "hf", "--out-dir", str(out)]) == 0
-    m = read_manifest(out)
-    hf_model = transformers.GPT2LMHeadModel.from_pretrained(
-        str(file_for(m, out, "hf").parent)).eval()
+    m = Manifest.read(out)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(m.file("hf").parent)).eval()
     ids = torch.randint(0, 50257, (2, 128))
     with torch.no_grad():
         want = tiny_model.lm_head(tiny_model._hidden(ids, torch.arange(128)))
         torch.testing.assert_close(hf_model(ids).logits, want, atol=1e-4, rtol=0)
-    assert m["verification"]["hf/model.safetensors"]["max_abs_diff"] <= 1e-4
+    assert m.data["verification"]["hf/model.safetensors"]["max_abs_diff"] <= 1e-4
 
 
 def run_cli(*args):
@@ -245,7 +262,7 @@ def test_cli_errors_in_process(tmp_path, tiny_ckpt, capsys):
 def test_export_killed_while_publishing_is_recovered(tmp_path):
     import subprocess
 
-    from slm_export.cli.export import _recover_killed_publish
+    from slm_export.artifacts.files import recover_folder
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
@@ -255,7 +272,7 @@ def test_export_killed_while_publishing_is_recovered(tmp_path):
     (old / "manifest.json").write_text("{}")
     staging = tmp_path / f".export.tmp{dead}"
     staging.mkdir()
-    _recover_killed_publish(out)
+    recover_folder(out)
     assert (out / "manifest.json").read_text() == "{}"
     assert not old.exists()
     from slm_export.artifacts.files import remove_stale_temps

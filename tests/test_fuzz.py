@@ -3,7 +3,7 @@
 (The tokenizer round trip is fuzzed in test_reliability.py.)
 - Random argv lists, built from each parser's real flags and random values, either parse
   or end in SystemExit(2); what the CLI checks next (train's ``resolve``, generate's
-  ``read_prompts``, export's ``_check_args``) raises nothing but ``SlmError``. No training,
+  ``read_prompts``, export's ``check_request``) raises nothing but ``SlmError``. No training,
   export or generation runs.
 - Random prompts (batch, lengths past the context window, ids anywhere in the vocabulary)
   and output lengths through eager, naive, torchscript and ort on a tiny export: tokens
@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slm_export import checkpoint
 from slm_export.cli import export as export_cli
 from slm_export.cli import generate as generate_cli
 from slm_export.cli import train as train_cli
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError
+from slm_export.export import check_request
 from slm_export.model import GPT
 from slm_export.runtime import GREEDY, SamplingConfig, backend_for_model, generate, load_backend
 
@@ -97,7 +97,9 @@ def test_export_parser_and_checks(data, capsys):
     args = parse_or_exit_2(parser, data.draw(argv_strategy(parser)), capsys)
     if args is not None:
         try:
-            export_cli._check_args(args)
+            check_request(export_cli.FORMATS[args.format],
+                          [v for v in (args.quantize, args.dtype) if v not in (None, "fp32")],
+                          args.opset)
         except SlmError as e:
             assert "\n" not in str(e)
 
@@ -110,16 +112,12 @@ BACKENDS = ("eager", "naive", "torchscript", "ort")
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    from slm_export.export import manifest, onnx, torchscript
+    from slm_export.export import build
 
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
-    ckpt = checkpoint.weights_payload(model, CONFIG)
     folder = tmp_path_factory.mktemp("fuzz") / "export"
-    folder.mkdir()
-    files = {**torchscript.export(model, ckpt, folder), **onnx.export(model, ckpt, folder)}
-    manifest.write_manifest(folder, model_config=CONFIG.to_dict(),
-                            files={n: manifest.file_entry(folder, n, k) for n, k in files.items()})
+    build(model, folder, verify=False)
     made = {name: backend_for_model(name, model) for name in ("eager", "naive")}
     made.update({name: load_backend(name, folder) for name in ("torchscript", "ort")})
     return made

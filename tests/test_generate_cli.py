@@ -85,6 +85,20 @@ def test_streaming_prints_token_by_token_and_whole_characters(monkeypatch, scrip
     assert batch.getvalue() == out.getvalue() and len(batch.writes) == 1
 
 
+def test_streaming_several_prompts_gives_the_batch_text(monkeypatch, tmp_path, tiny_ckpt):
+    """--stream prints rows one after another, yet samples them as the one batch --no-stream
+    runs: the same seed gives the same text."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("Once upon a time\nThe dog\n", encoding="utf-8")
+    argv = ["--model", tiny_ckpt, "--prompt-file", str(path), "--num-samples", "2", "--seed", "5",
+            "--temperature", "1.0", "--top-k", "50", "--max-new-tokens", "20"]
+    streamed = run_main(monkeypatch, [*argv, "--stream"])
+    batched = run_main(monkeypatch, [*argv, "--no-stream"])
+    assert streamed.getvalue() == batched.getvalue()
+    assert streamed.getvalue().count("---------------") == 3
+    assert len(streamed.writes) > 20 and len(batched.writes) == 1
+
+
 def test_prompt_file_runs_as_one_batch(monkeypatch, tmp_path, tiny_model, tiny_ckpt):
     prompts = ["Once upon a time", "The little dog ran to the big park"]
     path = tmp_path / "prompts.txt"

@@ -86,13 +86,7 @@ def test_left_padded_batch_matches_single_sequences(tiny_model):
 def test_traced_graphs_take_the_device_from_their_inputs(tiny_model):
     """torch.jit.trace bakes `device=` arguments in as constants: a graph traced on the CPU
     must not build positions or masks on the CPU when its inputs live on CUDA."""
-    from slm_export.export import KVModule, LogitsModule
-    from slm_export.export.torchscript import example_inputs, quiet_jit
+    from slm_export.export.torchscript import trace
 
-    with quiet_jit(), torch.no_grad():
-        kv = torch.jit.trace(KVModule(tiny_model), example_inputs(tiny_model.config),
-                             check_trace=False)
-        full = torch.jit.trace(LogitsModule(tiny_model), (torch.zeros(1, 4, dtype=torch.long),),
-                               check_trace=False)
-    for traced in (kv, full):
+    for traced in trace(tiny_model):
         assert 'Device = prim::Constant[value="cpu"]' not in str(traced.inlined_graph)

@@ -46,7 +46,7 @@ def test_tokenizer_handles_any_bytes(raw):
     assert tokenizer.decode(tokenizer.encode(text)) == text
     # arbitrary token ids decode without raising (invalid UTF-8 becomes U+FFFD)
     pairs = [raw[i] * 256 + raw[i + 1] for i in range(0, len(raw) - 1, 2)]
-    tokenizer.decode([t for t in pairs if t < tokenizer.N_VOCAB])
+    tokenizer.decode([t for t in pairs if t < tokenizer.get_encoding().n_vocab])
 
 
 def test_os_errors_are_one_line_exit_2(capsys):

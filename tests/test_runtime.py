@@ -12,6 +12,7 @@ from slm_export.errors import SlmError
 from slm_export.runtime import (
     GREEDY,
     SamplingConfig,
+    StaleStateError,
     TextDecoder,
     backend_for_model,
     generate,
@@ -21,7 +22,7 @@ from slm_export.runtime import (
     sample,
 )
 from slm_export.runtime.generation import left_pad
-from slm_export.runtime.sampling import probabilities, top_k_filter, top_p_filter
+from slm_export.runtime.sampling import probabilities, top_p_filter
 from slm_export.tokenizer import EOT_ID, encode
 
 PROMPTS = [
@@ -40,24 +41,14 @@ PARITY_TOKENS = 64
 CUDA = torch.cuda.is_available()
 
 
-def write_export(model, ckpt: dict, folder) -> None:
-    """An export folder through the export package's own writers (TorchScript, ONNX, int8)."""
-    from slm_export.export import manifest, onnx, torchscript
-
-    files = {**torchscript.export(model, ckpt, folder), **onnx.export(model, ckpt, folder)}
-    entries = {name: manifest.file_entry(folder, name, kind) for name, kind in files.items()}
-    for name, kind in onnx.export_variant(folder, ckpt, "int8").items():
-        entries[name] = manifest.file_entry(folder, name, kind, "int8")
-    manifest.write_manifest(folder, model_config=ckpt["model_config"], files=entries)
-
-
 @pytest.fixture(scope="session")
-def export_dir(tmp_path_factory, tiny_model, tiny_ckpt):
-    from slm_export import checkpoint
+def export_dir(tmp_path_factory, tiny_ckpt):
+    """TorchScript, ONNX and int8 ONNX files of the tiny model (unverified: this file
+    tests the runtime; tests/test_export.py tests verification)."""
+    from slm_export.export import build
 
     folder = tmp_path_factory.mktemp("run") / "export"
-    folder.mkdir()
-    write_export(tiny_model, checkpoint.load(tiny_ckpt), folder)
+    build(tiny_ckpt, folder, variants=("int8",), verify=False)
     return folder
 
 
@@ -84,8 +75,6 @@ def eager_greedy(backends, prompt_ids):
 def test_top_k_and_top_p_on_hand_made_logits():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     inf = float("-inf")
-    assert top_k_filter(logits, 2).isinf().tolist() == [[True, False, True, False, True]]
-    assert torch.equal(top_k_filter(logits, 5), logits)
     # sorted: 0.4, 0.3, 0.15, 0.1, 0.05 -> p=0.7 needs {0.4, 0.3}; p=0.71 needs 0.15 too
     assert top_p_filter(logits, 0.7).isinf().tolist() == [[True, False, True, False, True]]
     assert top_p_filter(logits, 0.71).isinf().tolist() == [[True, False, True, False, False]]
@@ -169,7 +158,7 @@ def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids,
 
     if name == "ort":
         backend = load_backend("ort", export_dir, "cuda")
-        assert backend.on_cuda, backend.providers
+        assert backend.session.get_providers()[0] == "CUDAExecutionProvider"
     elif name == "torchscript":  # traced on the CPU, run on CUDA
         backend = load_backend("torchscript", export_dir, "cuda")
     else:
@@ -177,6 +166,53 @@ def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids,
     got = generate(backend, prompt_ids, max_new_tokens=PARITY_TOKENS, sampling=GREEDY,
                    stop_id=None)
     assert got.tokens == eager_greedy.tokens
+
+
+# -- the contract: states are values, decode takes K tokens, compiled's one live state ------
+ALL = ["eager", "naive", "compiled", "torchscript", "ort"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_decode_of_k_tokens_equals_k_single_decodes(name, backends, prompt_ids):
+    backend = backends[name]
+    ids, mask = left_pad(prompt_ids[:3])
+    new = torch.tensor([[262, 3290, 13], [314, 550, 11], [1110, 318, 257]])
+    with torch.inference_mode():
+        _, state = backend.prefill(ids.to(backend.device), None if mask is None else mask.to(backend.device))
+        at_once, s_once = backend.decode(new.to(backend.device), state)
+        _, state = backend.prefill(ids.to(backend.device), None if mask is None else mask.to(backend.device))
+        for k in range(3):
+            one, state = backend.decode(new[:, k].to(backend.device), state)
+    torch.testing.assert_close(at_once, one, atol=1e-4, rtol=0)
+    assert s_once.length == state.length == ids.size(1) + 3
+
+
+@pytest.mark.parametrize("name", ["eager", "naive", "torchscript", "ort"])
+def test_a_state_is_a_value(name, backends, prompt_ids):
+    """Decoding returns a new state and leaves the old one usable (a rewind is free)."""
+    backend = backends[name]
+    ids = torch.tensor([prompt_ids[0]], device=backend.device)
+    with torch.inference_mode():
+        _, start = backend.prefill(ids, None)
+        first, _ = backend.decode(torch.tensor([262], device=backend.device), start)
+        backend.decode(torch.tensor([11], device=backend.device), start)  # another branch
+        again, _ = backend.decode(torch.tensor([262], device=backend.device), start)
+    assert start.length == ids.size(1)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+def test_compiled_serves_one_live_generation_per_batch_size(backends, prompt_ids):
+    backend = backends["compiled"]
+    one = torch.tensor([prompt_ids[0]])
+    two = torch.tensor([prompt_ids[1][:2], prompt_ids[6][:2]])
+    with torch.inference_mode():
+        _, old = backend.prefill(one, None)
+        _, other = backend.prefill(two, None)  # another batch size: its own cache
+        _, new = backend.prefill(one, None)
+        with pytest.raises(StaleStateError, match="reused by a later prefill of batch size 1"):
+            backend.decode(torch.tensor([13]), old)
+        backend.decode(torch.tensor([13]), new)
+        backend.decode(torch.tensor([13, 13]), other)
 
 
 # -- the loop: ragged batches, overflow, cropping, stop token ---------------------------------

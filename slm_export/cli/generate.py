@@ -90,43 +90,51 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
 
-
     from slm_export.devices import resolve_device
-    from slm_export.runtime import SamplingConfig, generate, load_backend, make_generator
-    from slm_export.runtime.generation import stream_text
-    from slm_export.tokenizer import decode, encode
+    from slm_export.runtime import SamplingConfig, TokenStream, load_backend, make_generator
+    from slm_export.tokenizer import encode
 
     device = resolve_device(args.device)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, greedy=args.greedy)
     backend = load_backend(args.backend, args.model or DEFAULT_MODEL, device, args.variant)
-    generator = make_generator(args.seed, backend.device)
     rows = [p for p in prompts for _ in range(args.num_samples)]
-    ids = [encode(p) for p in rows]
-    stream = sys.stdout.isatty() if args.stream is None else args.stream
-    out = sys.stdout
-
-    if stream:  # one sequence at a time, each printed as it forms
-        for i, (text, prompt) in enumerate(zip(rows, ids, strict=True)):
-            if i:
-                out.write(f"\n{SEPARATOR}\n")
-            out.write(text)
-            out.flush()
-            for piece in stream_text(backend, prompt, max_new_tokens=args.max_new_tokens,
-                                     sampling=sampling, generator=generator,
-                                     overflow=args.overflow):
-                out.write(piece)
-                out.flush()
-        out.write("\n")
-        out.flush()
-        return 0
-
-    result = generate(backend, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      generator=generator, overflow=args.overflow)
-    texts = [text + decode(new) for text, new in zip(rows, result.tokens, strict=True)]
-    out.write(f"\n{SEPARATOR}\n".join(texts) + "\n")
-    out.flush()
+    stream = TokenStream(backend, [encode(p) for p in rows], max_new_tokens=args.max_new_tokens,
+                         sampling=sampling, generator=make_generator(args.seed, backend.device),
+                         overflow=args.overflow)
+    live = sys.stdout.isatty() if args.stream is None else args.stream
+    write_rows(stream, rows, sys.stdout, live)
     return 0
+
+
+def write_rows(stream, texts: list[str], out, live: bool) -> None:
+    """Print each row's prompt and continuation, rows apart by ``SEPARATOR``.
+
+    Every row comes from the one batched stream, so a seed gives the same text streamed or
+    not. ``live`` prints one row at a time token by token as it forms; the later rows are
+    held back until the rows before them are complete, then printed up to where the batch
+    has got and continued live.
+    """
+    from slm_export.runtime import TextDecoder
+
+    decoders = [TextDecoder() for _ in texts]
+    held = [[text] for text in texts]  # pieces not printed yet, per row
+    current = 0  # the row printed live
+    for step in stream:
+        for b, token in enumerate(step):
+            if token is not None:
+                held[b].append(decoders[b].push(token))
+        while live:
+            out.write("".join(held[current]))
+            out.flush()
+            held[current] = []
+            if not stream.done[current] or current == len(texts) - 1:
+                break
+            out.write(decoders[current].flush() + f"\n{SEPARATOR}\n")
+            current += 1
+    rest = ["".join(held[b]) + decoders[b].flush() for b in range(current, len(texts))]
+    out.write(f"\n{SEPARATOR}\n".join(rest) + "\n")
+    out.flush()
 
 
 main = entry_point(main)

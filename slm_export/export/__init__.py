@@ -1,49 +1,13 @@
-"""Export a checkpoint to TorchScript and ONNX (plus variants), with a checked manifest.
+"""Export a checkpoint to TorchScript and ONNX (plus variants), verified, with a manifest.
 
-``torchscript.py`` and ``onnx.py`` write the files, ``verify.py`` compares them with eager
-PyTorch, ``manifest.py`` records them; ``slm_export.cli.export`` runs the steps in order.
-Loaders only need ``read_manifest`` and ``file_for``.
-
-The two signatures every format exports (the contract the runtimes rely on):
-- ``LogitsModule``: input_ids (B, T) int64 -> logits (B, T, V), every position.
-- ``KVModule``: input_ids (B, T), past_key_values (L, 2, B, nh, P, hs), attention_mask
-  (B, P + T) int64 -> logits (B, V) of the last position, present_key_values
-  (L, 2, B, nh, P + T, hs). P may be 0.
+One call does it all: ``build(checkpoint_or_model, out_dir, formats=..., variants=...,
+verify=True) -> Manifest`` (``pipeline.py``). Beside it: ``signatures.py`` (the two
+exported signatures), ``torchscript.py`` / ``onnx.py`` / ``hf.py`` (the writers) and
+``verify.py`` (checks through the runtime). Reading an export back is the artifacts
+layer's and the runtime's business, never this package's.
 """
 
-from __future__ import annotations
+from slm_export.export.pipeline import DEFAULT_GATES, FORMATS, VARIANTS, build, check_request
+from slm_export.export.verify import QualityGate
 
-import torch
-
-from slm_export.export.manifest import MANIFEST, file_for, read_manifest, write_manifest
-from slm_export.model import positions
-
-__all__ = ["MANIFEST", "KVModule", "LogitsModule", "file_for", "read_manifest",
-           "write_manifest"]
-
-
-class LogitsModule(torch.nn.Module):
-    """The full-recompute path with logits for every position (``GPT.forward`` keeps only
-    the last one when there are no targets)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval()
-        self.eval()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pos = positions(input_ids, 0, input_ids.size(1))
-        return self.model.lm_head(self.model._hidden(input_ids, pos))  # (B, T, V)
-
-
-class KVModule(torch.nn.Module):
-    """``GPT.forward_kv`` with the padding mask as a required input."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval()
-        self.eval()
-
-    def forward(self, input_ids: torch.Tensor, past_key_values: torch.Tensor,
-                attention_mask: torch.Tensor):
-        return self.model.forward_kv(input_ids, past_key_values, attention_mask)
+__all__ = ["DEFAULT_GATES", "FORMATS", "VARIANTS", "QualityGate", "build", "check_request"]

@@ -27,10 +27,9 @@ import onnx
 import torch
 
 from slm_export.artifacts.files import atomic_write
+from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
-from slm_export.export import KVModule, LogitsModule
-from slm_export.export.manifest import file_metadata
-from slm_export.export.torchscript import example_inputs
+from slm_export.export.signatures import KVModule, LogitsModule, kv_inputs, logits_inputs
 
 DEFAULT_OPSET = 18  # LayerNormalization needs 17; 18 is the dynamo exporter's floor
 MIN_OPSET = 18
@@ -89,8 +88,7 @@ def _export(module: torch.nn.Module, args: tuple, io: dict, opset: int) -> onnx.
                 dynamic_shapes=dynamic,
             )
     except Exception as e:  # the exporter raises many types; keep the first line
-        first = first_line(e)
-        raise SlmError(f"ONNX export failed ({type(e).__name__}: {first[:160]})") from None
+        raise SlmError(f"ONNX export failed ({type(e).__name__}: {first_line(e)})") from None
     proto = program.model_proto
     _name_axes(proto, io)
     return proto
@@ -122,20 +120,20 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, metadata: dict[str, st
     atomic_write(path, lambda f: f.write(data))
 
 
-def export(model: torch.nn.Module, ckpt: dict, folder: str | os.PathLike,
+def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.PathLike,
            opset: int = DEFAULT_OPSET) -> dict[str, str]:
     """Write model.onnx and model_kv.onnx (fp32) into ``folder``; -> {file name: kind}."""
     check_opset(opset)
     folder = Path(folder)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    save(_export(LogitsModule(model), (ids,), LOGITS_IO, opset), folder / "model.onnx",
-         file_metadata(ckpt, "onnx"))
-    save(_export(KVModule(model), example_inputs(model.config), KV_IO, opset),
-         folder / "model_kv.onnx", file_metadata(ckpt, "onnx_kv"))
+    save(_export(LogitsModule(model), logits_inputs(model.config), LOGITS_IO, opset),
+         folder / "model.onnx", provenance.file_metadata("onnx"))
+    save(_export(KVModule(model), kv_inputs(model.config), KV_IO, opset),
+         folder / "model_kv.onnx", provenance.file_metadata("onnx_kv"))
     return {"model.onnx": "onnx", "model_kv.onnx": "onnx_kv"}
 
 
-def _rewrite(src: Path, dst: Path, ckpt: dict, kind: str, dtype: str, convert) -> None:
+def _rewrite(src: Path, dst: Path, provenance: Provenance, kind: str, dtype: str,
+             convert) -> None:
     """Write ``convert(src, tmp)``'s result to ``dst`` with fresh metadata, atomically."""
     tmp = dst.with_name(f".{dst.name}.convert{os.getpid()}")
     try:
@@ -143,7 +141,7 @@ def _rewrite(src: Path, dst: Path, ckpt: dict, kind: str, dtype: str, convert) -
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
-    save(proto, dst, file_metadata(ckpt, kind, dtype))
+    save(proto, dst, provenance.file_metadata(kind, dtype))
 
 
 def _prepare_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -236,26 +234,15 @@ def _fp16(src: Path, dst: Path) -> None:
 VARIANTS = {"int8": _int8, "fp16": _fp16}
 
 
-def export_variant(folder: str | os.PathLike, ckpt: dict, dtype: str) -> dict[str, str]:
+def export_variant(folder: str | os.PathLike, provenance: Provenance,
+                   dtype: str) -> dict[str, str]:
     """From the fp32 files in ``folder``, write model.<dtype>.onnx and model_kv.<dtype>.onnx."""
     folder = Path(folder)
     written = {}
     for name, kind in (("model", "onnx"), ("model_kv", "onnx_kv")):
         target = f"{name}.{dtype}.onnx"
-        _rewrite(folder / f"{name}.onnx", folder / target, ckpt, kind, dtype, VARIANTS[dtype])
+        _rewrite(folder / f"{name}.onnx", folder / target, provenance, kind, dtype,
+                 VARIANTS[dtype])
         written[target] = kind
     return written
 
-
-def session(path: str | os.PathLike, providers: list[str] | None = None):
-    """An ONNX Runtime session on ``path`` (CPU EP unless ``providers`` says otherwise)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no per-node placement chatter
-    try:
-        return ort.InferenceSession(str(path), options,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types
-        first = first_line(e)
-        raise SlmError(f"ONNX Runtime cannot load {path} ({first[:160]})") from None

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import torch
 
+from slm_export.artifacts.manifest import MANIFEST, Manifest
 from slm_export.errors import SlmError
-from slm_export.runtime.base import BACKENDS, EXPORT_BACKENDS, TORCH_BACKENDS, Backend, State
+from slm_export.runtime.base import (
+    BACKENDS,
+    EXPORT_BACKENDS,
+    TORCH_BACKENDS,
+    Backend,
+    StaleStateError,
+    State,
+)
 from slm_export.runtime.generation import (
     OVERFLOW_POLICIES,
     Generation,
@@ -27,12 +35,12 @@ from slm_export.runtime.sampling import GREEDY, SamplingConfig, make_generator, 
 
 __all__ = [
     "BACKENDS", "EXPORT_BACKENDS", "GREEDY", "OVERFLOW_POLICIES", "TORCH_BACKENDS", "Backend",
-    "Generation", "SamplingConfig", "State", "Stats", "TextDecoder", "TokenStream",
+    "Generation", "SamplingConfig", "StaleStateError", "State", "Stats", "TextDecoder",
+    "TokenStream",
     "backend_for_model", "generate", "load_backend", "make_generator", "resolve_model_path",
     "sample", "stream_text",
 ]
 
-MANIFEST = "manifest.json"
 CHECKPOINT = "best.pt"
 
 
@@ -87,8 +95,12 @@ def backend_for_model(name: str, model: torch.nn.Module) -> Backend:
 
 
 def load_backend(name: str, path: str | os.PathLike, device: torch.device | str = "cpu",
-                 variant: str = "fp32") -> Backend:
-    """Build backend ``name`` from a checkpoint / run / export path on ``device``."""
+                 variant: str = "fp32", threads: int | None = None) -> Backend:
+    """Build backend ``name`` from a checkpoint / run / export path on ``device``.
+
+    An export backend loads the manifest's file of its kind and ``variant``, after checking
+    that file's SHA-256 (the folder's other files are not hashed).
+    """
     from slm_export.checkpoint import load_model
 
     device = torch.device(device)
@@ -98,10 +110,11 @@ def load_backend(name: str, path: str | os.PathLike, device: torch.device | str 
     if name in TORCH_BACKENDS:
         model, _ = load_model(target, device)
         return backend_for_model(name, model)
+    manifest = Manifest.read(target, verify_hashes=False)
     if name == "torchscript":
         from slm_export.runtime.torchscript import TorchScriptBackend
 
-        return TorchScriptBackend(target, device)
+        return TorchScriptBackend(manifest.file("torchscript_kv"), manifest.config, device)
     from slm_export.runtime.ort import OrtBackend
 
-    return OrtBackend(target, device, variant=variant)
+    return OrtBackend(manifest.file("onnx_kv", variant), manifest.config, device, threads)

@@ -4,13 +4,17 @@ A backend turns token ids into last-position logits; everything else (sampling, 
 rules, context overflow, streaming) lives in ``generation.py`` and is written once.
 
 - ``prefill(ids, attention_mask)``: ids (B, T) int64, attention_mask (B, T) int64 with 0 for
-  left padding (or None when every row is real) -> (logits (B, V), state). It starts a
-  fresh window: whatever the state held before is forgotten.
-- ``decode(tokens, state)``: tokens (B,) int64, one new token per row -> (logits, state).
-  The caller keeps ``state.length < block_size`` (positions are learned; a cache cannot
+  left padding, or None when every row is real -> (logits (B, V), state) for a fresh window.
+- ``decode(tokens, state)``: tokens (B,) (one new token per row) or (B, K) (K new tokens per
+  row) appended to the window -> (logits of the last new position (B, V), new state).
+  The caller keeps ``state.length + K <= block_size`` (positions are learned; a cache cannot
   slide) and re-prefills when the window is full.
 
-Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime).
+Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime). A state is
+a value: ``decode`` returns a new one and leaves the old one as it was, except where a
+backend keeps its cache in preallocated storage (``compiled``): there a backend serves one
+live generation per batch size, and a prefill of the same batch size invalidates older
+states (decoding one raises ``StaleStateError``).
 """
 
 from __future__ import annotations
@@ -27,19 +31,21 @@ TORCH_BACKENDS = ("eager", "compiled", "naive")  # load a checkpoint
 EXPORT_BACKENDS = ("torchscript", "ort")  # load an export folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class State:
     """What a backend carries between calls for one batch.
 
-    length: positions filled in the window (prompt padding included), <= block_size.
-    mask:   (B, block_size) int64 attention mask, 1 for real tokens, 0 for left padding;
-            columns >= length are 1 (tokens still to come). None when no row is padded.
-    cache:  the backend's own storage (a KV tensor, an OrtValue, a token window, ...).
+    length: positions filled in the window (left padding included), <= block_size.
+    cache:  the backend's own data (KV tensors, a padding mask, a token window, ...); only
+            the backend that made the state reads it.
     """
 
     length: int
-    mask: torch.Tensor | None
     cache: Any = None
+
+
+class StaleStateError(RuntimeError):
+    """A state whose storage a later prefill has reused."""
 
 
 @runtime_checkable
@@ -54,17 +60,18 @@ class Backend(Protocol):
     def decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
 
-def window_mask(attention_mask: torch.Tensor | None, block_size: int,
-                device: torch.device) -> torch.Tensor | None:
-    """The prompt's (B, T) padding mask widened to a (B, block_size) buffer of ones.
+def window_mask(attention_mask: torch.Tensor | None, batch: int, block_size: int,
+                device: torch.device, always: bool = False) -> torch.Tensor | None:
+    """The prompt's (B, T) padding mask widened to a (B, block_size) buffer of ones, so a
+    decode step reads ``mask[:, :length]`` (a view, no per-step allocation).
 
-    Decoding then reads ``mask[:, :length]`` (a view): no per-step allocation.
+    None when the prompt has no padding, unless ``always`` (graphs that always take a mask).
     """
-    if attention_mask is None:
+    if attention_mask is None and not always:
         return None
-    B, T = attention_mask.shape
-    mask = torch.ones(B, block_size, dtype=torch.long, device=device)
-    mask[:, :T] = attention_mask
+    mask = torch.ones(batch, block_size, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        mask[:, :attention_mask.size(1)] = attention_mask
     return mask
 
 
@@ -75,10 +82,12 @@ def check_prefill(ids: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"prefill of {ids.size(1)} tokens exceeds block_size {block_size}")
 
 
-def export_file(folder, kind: str, dtype: str = "fp32", verify_hashes: bool = True):
-    """An export folder's file of ``kind``/``dtype`` and the model config: -> (path, config)."""
-    from slm_export.export.manifest import file_for, read_manifest
-
-    manifest = read_manifest(folder, verify_hashes=False)  # the one file we load is hashed below
-    path = file_for(manifest, folder, kind, dtype, verify_hash=verify_hashes)
-    return path, GPTConfig.from_dict(manifest["model_config"])
+def decode_rows(tokens: torch.Tensor, state: State, block_size: int) -> torch.Tensor:
+    """``tokens`` as (B, K) rows, checked to fit the window after ``state.length``."""
+    rows = tokens.view(-1, 1) if tokens.dim() == 1 else tokens
+    if rows.dim() != 2 or rows.size(1) == 0:
+        raise ValueError(f"decode expects tokens of shape (B,) or (B, K), got {tuple(tokens.shape)}")
+    if state.length + rows.size(1) > block_size:
+        raise ValueError(f"decode of {rows.size(1)} token(s) after {state.length} exceeds "
+                         f"block_size {block_size}: re-prefill first")
+    return rows

@@ -2,23 +2,30 @@
 
 Two compiled entry points, each its own function so their compiled graphs are cached apart:
 - prefill: the prompt length is marked dynamic, so new prompt lengths (and overflow
-  re-prefills) reuse one graph instead of recompiling;
+  re-prefills) reuse one graph instead of recompiling; several tokens after a past go
+  through it too;
 - decode: one token per row at ``input_pos``; every shape is fixed (caches and the mask are
   always (B, block_size)), so it compiles once per batch size. On CUDA it uses
-  ``mode="reduce-overhead"`` (CUDA graphs).
+  ``mode="reduce-overhead"`` (CUDA graphs) — CUDA-only, not exercised in CI
+  (tests/test_runtime.py::test_cuda_greedy_parity covers it on a GPU).
 A mask is always passed (ones when nothing is padded) so padded and unpadded batches share
 the same graphs. A one-token prompt goes through the decode graph (same shapes).
+
+The static cache of a batch size is shared by every generation of that size (a compiled
+graph is specialised to its buffers), so this backend serves one live generation per batch
+size: a prefill invalidates the older states of its size (``StaleStateError`` on use).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch._inductor.config
 
 from slm_export.model import GPT
-from slm_export.runtime.base import State, check_prefill
+from slm_export.runtime.base import StaleStateError, State, check_prefill, decode_rows
 
 
 def _prefill_step(model: GPT, idx, input_pos, caches, mask):
@@ -42,50 +49,51 @@ class CompiledBackend:
         self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self._decode = torch.compile(_decode_step, fullgraph=True, mode=mode)
         # On CPU, inductor "freezing" folds the inference-only weights into the graph as
-        # constants and pre-packs them for the matmul kernels: +40% decode tokens/s on the
-        # 30m model (bench/RESULTS.md). It must be on whenever a call may (re)compile.
+        # constants and pre-packs them for the matmul kernels (+20-45% decode tokens/s on
+        # the 30m model, bench/RESULTS.md). It must be on whenever a call may (re)compile.
         self._inductor_options = (contextlib.nullcontext if self.device.type == "cuda"
                                   else lambda: torch._inductor.config.patch(freezing=True))
-        W = self.config.block_size
-        self._positions = torch.arange(W, device=self.device)
+        self._positions = torch.arange(self.config.block_size, device=self.device)
         self._pos1 = torch.zeros(1, dtype=torch.long, device=self.device)
         self._caches: dict[int, torch.nn.ModuleList] = {}  # one static cache per batch size
-        self._ones: dict[int, torch.Tensor] = {}
+        self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
+        self._tickets = itertools.count()
 
-    def _for_batch(self, B: int):
+    def _claim(self, B: int) -> tuple[torch.nn.ModuleList, int]:
+        """The batch size's static cache, now owned by a new generation."""
         if B not in self._caches:
-            W = self.config.block_size
-            self._caches[B] = self.model.new_static_caches(B, W)
-            self._ones[B] = torch.ones(B, W, dtype=torch.long, device=self.device)
-        return self._caches[B], self._ones[B]
+            self._caches[B] = self.model.new_static_caches(B, self.config.block_size)
+        self._owner[B] = next(self._tickets)
+        return self._caches[B], self._owner[B]
+
+    def _run(self, rows: torch.Tensor, start: int, caches, mask) -> torch.Tensor:
+        """Write ``rows`` (B, K) at positions start.. into ``caches`` -> last logits."""
+        K = rows.size(1)
+        with self._inductor_options():
+            if K == 1:
+                self._pos1.fill_(start)
+                return self._decode(self.model, rows, self._pos1, caches, mask)
+            input_pos = self._positions[start:start + K]
+            torch._dynamo.maybe_mark_dynamic(rows, 1)
+            torch._dynamo.maybe_mark_dynamic(input_pos, 0)
+            return self._prefill(self.model, rows, input_pos, caches, mask)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
         B, T = ids.shape
-        caches, ones = self._for_batch(B)
-        if attention_mask is None:
-            mask = ones
-        else:
-            mask = ones.clone()
+        caches, ticket = self._claim(B)
+        mask = torch.ones(B, self.config.block_size, dtype=torch.long, device=self.device)
+        if attention_mask is not None:
             mask[:, :T] = attention_mask
-        if T == 1:
-            self._pos1.fill_(0)
-            with self._inductor_options():
-                logits = self._decode(self.model, ids, self._pos1, caches, mask)
-        else:
-            input_pos = self._positions[:T]
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
-            torch._dynamo.maybe_mark_dynamic(input_pos, 0)
-            with self._inductor_options():
-                logits = self._prefill(self.model, ids, input_pos, caches, mask)
         # Stale slots beyond T need no reset: the causal mask hides them until overwritten.
-        return logits.float(), State(length=T, mask=None if attention_mask is None else mask,
-                                     cache=(caches, mask))
+        logits = self._run(ids, 0, caches, mask)
+        return logits.float(), State(T, (ticket, caches, mask))
 
     def decode(self, tokens: torch.Tensor, state: State):
-        caches, mask = state.cache
-        self._pos1.fill_(state.length)
-        with self._inductor_options():
-            logits = self._decode(self.model, tokens.view(-1, 1), self._pos1, caches, mask)
-        state.length += 1
-        return logits.float(), state
+        rows = decode_rows(tokens, state, self.config.block_size)
+        ticket, caches, mask = state.cache
+        if self._owner.get(rows.size(0)) != ticket:
+            raise StaleStateError("this state's static cache was reused by a later prefill of "
+                                  f"batch size {rows.size(0)} (one live generation per size)")
+        logits = self._run(rows, state.length, caches, mask)
+        return logits.float(), State(state.length + rows.size(1), state.cache)

@@ -1,7 +1,8 @@
 """eager: PyTorch with the functional KV cache (``GPT.forward_kv``).
 
-Prefill runs the prompt once; each decode step feeds one token per row and grows the cache
-by concatenation. The padding mask is a (B, block_size) buffer: a step reads a view of it.
+Prefill runs the prompt once; each decode step feeds the new token(s) of every row and grows
+the cache by concatenation. A padded batch keeps its mask as a (B, block_size) buffer that a
+step reads a view of; an unpadded one has none.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from slm_export.model import GPT
-from slm_export.runtime.base import State, check_prefill, window_mask
+from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
 
 
 class EagerBackend:
@@ -22,14 +23,14 @@ class EagerBackend:
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
-        kv = self.model.empty_kv(ids.size(0))
-        logits, kv = self.model.forward_kv(ids, kv, attention_mask)
-        mask = window_mask(attention_mask, self.config.block_size, self.device)
-        return logits.float(), State(length=ids.size(1), mask=mask, cache=kv)
+        B, T = ids.shape
+        logits, kv = self.model.forward_kv(ids, self.model.empty_kv(B), attention_mask)
+        mask = window_mask(attention_mask, B, self.config.block_size, self.device)
+        return logits.float(), State(T, (kv, mask))
 
     def decode(self, tokens: torch.Tensor, state: State):
-        n = state.length + 1
-        mask = None if state.mask is None else state.mask[:, :n]
-        logits, state.cache = self.model.forward_kv(tokens.view(-1, 1), state.cache, mask)
-        state.length = n
-        return logits.float(), state
+        rows = decode_rows(tokens, state, self.config.block_size)
+        kv, mask = state.cache
+        n = state.length + rows.size(1)
+        logits, kv = self.model.forward_kv(rows, kv, None if mask is None else mask[:, :n])
+        return logits.float(), State(n, (kv, mask))

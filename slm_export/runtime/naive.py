@@ -1,9 +1,9 @@
 """naive: no cache, the whole window is recomputed at every step (the references' way).
 
 This is the yardstick the benchmarks measure the cached backends against. Tokens live in a
-preallocated (B, block_size) buffer; each step writes one column and runs ``GPT.forward``
-on the filled part. Padded batches go through ``forward_kv`` with an empty cache, which is
-the same full recompute with a padding mask.
+(B, block_size) buffer owned by the state; each step writes the new column(s) and runs
+``GPT.forward`` on the filled part. Padded batches go through ``forward_kv`` with an empty
+cache, which is the same full recompute with a padding mask.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from slm_export.model import GPT
-from slm_export.runtime.base import State, check_prefill, window_mask
+from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
 
 
 class NaiveBackend:
@@ -34,13 +34,15 @@ class NaiveBackend:
         B, T = ids.shape
         window = torch.empty(B, self.config.block_size, dtype=torch.long, device=self.device)
         window[:, :T] = ids
-        mask = window_mask(attention_mask, self.config.block_size, self.device)
+        mask = window_mask(attention_mask, B, self.config.block_size, self.device)
         logits = self._forward(window[:, :T], None if mask is None else mask[:, :T])
-        return logits, State(length=T, mask=mask, cache=window)
+        return logits, State(T, (window, mask))
 
     def decode(self, tokens: torch.Tensor, state: State):
-        n = state.length + 1
-        state.cache[:, n - 1] = tokens
-        logits = self._forward(state.cache[:, :n], None if state.mask is None else state.mask[:, :n])
-        state.length = n
-        return logits, state
+        rows = decode_rows(tokens, state, self.config.block_size)
+        window, mask = state.cache
+        n = state.length + rows.size(1)
+        window = window.clone()  # the old state keeps its tokens (states are values)
+        window[:, state.length:n] = rows
+        logits = self._forward(window[:, :n], None if mask is None else mask[:, :n])
+        return logits, State(n, (window, mask))

@@ -53,14 +53,6 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / temperature if temperature != 1.0 else logits
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties at the k-th value are kept), -inf elsewhere."""
-    if k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
 

@@ -11,33 +11,33 @@ import os
 
 import torch
 
-from slm_export.export.torchscript import load
-from slm_export.runtime.base import State, check_prefill, export_file, window_mask
+from slm_export.artifacts.loaders import load_torchscript
+from slm_export.config import GPTConfig
+from slm_export.model import empty_kv
+from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
 
 
 class TorchScriptBackend:
     name = "torchscript"
 
-    def __init__(self, folder: str | os.PathLike, device: torch.device | str = "cpu",
-                 verify_hashes: bool = True):
-        path, self.config = export_file(folder, "torchscript_kv", verify_hashes=verify_hashes)
+    def __init__(self, path: str | os.PathLike, config: GPTConfig,
+                 device: torch.device | str = "cpu"):
+        self.config = config
         self.device = torch.device(device)
         self.path = path
-        self.module, _ = load(path, map_location=self.device)
+        self.module, _ = load_torchscript(path, map_location=self.device)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
         B, T = ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=self.device)
-        mask = window_mask(attention_mask, self.config.block_size, self.device)
         c = self.config
-        empty = torch.zeros(c.n_layer, 2, B, c.n_head, 0, c.head_dim, device=self.device)
-        logits, kv = self.module(ids, empty, mask[:, :T])
-        return logits.float(), State(length=T, mask=mask, cache=kv)
+        mask = window_mask(attention_mask, B, c.block_size, self.device, always=True)
+        logits, kv = self.module(ids, empty_kv(c, B, self.device), mask[:, :T])
+        return logits.float(), State(T, (kv, mask))
 
     def decode(self, tokens: torch.Tensor, state: State):
-        n = state.length + 1
-        logits, state.cache = self.module(tokens.view(-1, 1), state.cache, state.mask[:, :n])
-        state.length = n
-        return logits.float(), state
+        rows = decode_rows(tokens, state, self.config.block_size)
+        kv, mask = state.cache
+        n = state.length + rows.size(1)
+        logits, kv = self.module(rows, kv, mask[:, :n])
+        return logits.float(), State(n, (kv, mask))

@@ -1,0 +1,119 @@
+"""The export pipeline as one library call, ``build(...) -> Manifest``.
+
+Files are written into a hidden staging folder beside the output folder, verified there
+through the runtime that will serve them, recorded in the staged manifest, and only then
+swapped in for the output folder. A failed or interrupted export leaves the output folder
+as it was; an export killed in the middle of the swap is undone by the next one.
+``slm_export.cli.export`` is argparse around this call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from slm_export.artifacts.files import publish_folder, staging_folder
+from slm_export.artifacts.manifest import MANIFEST, Manifest, Provenance, file_entry, write_manifest
+from slm_export.errors import SlmError
+from slm_export.export import onnx as onnx_export
+from slm_export.export import torchscript
+from slm_export.export.verify import QualityGate, verify_folder
+
+FORMATS = ("onnx", "torchscript", "hf")
+VARIANTS = ("int8", "fp16")  # reduced-precision ONNX files, derived from model.onnx
+DEFAULT_FORMATS = ("onnx", "torchscript")
+DEFAULT_GATES = {"int8": QualityGate(), "fp16": QualityGate(min_top1=0.99)}
+
+
+def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLike | None = None,
+          *, formats: Sequence[str] = DEFAULT_FORMATS, variants: Sequence[str] = (),
+          opset: int = onnx_export.DEFAULT_OPSET, verify: bool = True,
+          gates: dict[str, QualityGate] | None = None, device: torch.device | str = "cpu",
+          report: Callable[[str], None] | None = None) -> Manifest:
+    """Export ``source`` (a weights checkpoint path, or a GPT) into ``out_dir``.
+
+    ``out_dir`` defaults to ``<checkpoint folder>/export``. ``variants`` adds int8 / fp16
+    ONNX files (they need "onnx" in ``formats``). With ``verify`` every file is checked
+    against eager PyTorch and each variant against its ``gates`` entry (``DEFAULT_GATES``);
+    the served files run on ``device``. ``report`` receives one line per step.
+    Returns the published folder's manifest; raises ``SlmError`` on any failure.
+    """
+    check_request(formats, variants, opset)
+    model, provenance = _load(source)
+    out = _output_folder(out_dir, provenance)
+    report = report or (lambda line: None)
+    gates = {**DEFAULT_GATES, **(gates or {})}
+    with staging_folder(out) as staging:
+        files = _write_files(model, provenance, staging, formats, variants, opset)
+        extra = {"opset": opset if "onnx" in formats else None}
+        write_manifest(staging, provenance, files, **extra, verification=None)
+        if verify:
+            results = verify_folder(model, staging, variants, gates, device, report)
+            write_manifest(staging, provenance, files, **extra, verification=results)
+        publish_folder(staging, out)
+    for name, entry in sorted(files.items()):
+        report(f"wrote {out / name} ({entry['bytes'] / 1e6:.1f} MB, {entry['kind']} {entry['dtype']})")
+    report(f"wrote {out / MANIFEST}" + ("" if verify else " (not verified)"))
+    return Manifest.read(out, verify_hashes=False)
+
+
+def check_request(formats: Sequence[str], variants: Sequence[str], opset: int) -> None:
+    """Refuse an impossible request before any work (one-line ``SlmError``)."""
+    unknown = [f for f in formats if f not in FORMATS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SlmError(f"unknown export format or variant {unknown[0]!r}")
+    if variants and "onnx" not in formats:
+        raise SlmError(f"variant {variants[0]} applies to ONNX: include the onnx format")
+    if "onnx" in formats:
+        onnx_export.check_opset(opset)
+    if "hf" in formats:
+        from slm_export.export import hf
+
+        hf.require()
+
+
+def _load(source) -> tuple[torch.nn.Module, Provenance]:
+    if isinstance(source, torch.nn.Module):
+        return source.eval(), Provenance(source.config.to_dict())
+    from slm_export.checkpoint import load_model
+
+    model, ckpt = load_model(source)
+    return model, Provenance.of_checkpoint(ckpt, source)
+
+
+def _output_folder(out_dir, provenance: Provenance) -> Path:
+    if out_dir is None:
+        if not provenance.checkpoint:
+            raise SlmError("exporting a model object needs an output folder")
+        out_dir = Path(provenance.checkpoint).parent / "export"
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SlmError(f"output folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        # The whole folder is replaced: never someone else's.
+        raise SlmError(f"output folder {out} is not empty and is not an export folder "
+                       f"(no {MANIFEST}); choose another folder")
+    return out
+
+
+def _write_files(model, provenance: Provenance, folder: Path, formats, variants,
+                 opset: int) -> dict[str, dict]:
+    """Write every requested file into ``folder`` -> {file name: manifest entry}."""
+    kinds: dict[str, tuple[str, str]] = {}
+    if "onnx" in formats:
+        written = onnx_export.export(model, provenance, folder, opset)
+        kinds.update({name: (kind, "fp32") for name, kind in written.items()})
+        for dtype in variants:
+            written = onnx_export.export_variant(folder, provenance, dtype)
+            kinds.update({name: (kind, dtype) for name, kind in written.items()})
+    if "torchscript" in formats:
+        written = torchscript.export(model, provenance, folder)
+        kinds.update({name: (kind, "fp32") for name, kind in written.items()})
+    if "hf" in formats:
+        from slm_export.export import hf
+
+        kinds.update({name: (kind, "fp32") for name, kind in hf.export(model, folder).items()})
+    return {name: file_entry(folder, name, kind, dtype) for name, (kind, dtype) in kinds.items()}
