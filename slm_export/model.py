@@ -2,10 +2,11 @@
 
 Three ways to run the same weights:
 - ``forward(idx, targets=None)``: the training / full-recompute path (causal SDPA).
-- ``forward_kv(idx, kv)``: functional KV cache. ``kv`` holds the keys and values of the
-  previous positions, shape (n_layer, 2, B, n_head, P, head_dim), P >= 0; it returns the
-  last-position logits and the grown cache. Pure tensors in and out, so it traces and
-  exports (TorchScript, ONNX) with dynamic batch, sequence and past lengths.
+- ``forward_kv(idx, past)``: functional KV cache. ``past`` holds the keys and values of the
+  previous positions, one (B, n_head, P, head_dim) tensor each per layer (``KV``: k_0, v_0,
+  k_1, v_1, ..., P >= 0, the layout optimum and onnxruntime-genai use); it returns the
+  logits of the last positions and the grown cache. Pure tensors in and out, so it traces
+  and exports (TorchScript, ONNX) with dynamic batch, sequence and past lengths.
 - ``forward_static(idx, input_pos, caches)``: a preallocated cache (``KVCache``) written in
   place at ``input_pos``; shapes never change, which is what ``torch.compile`` and CUDA
   graphs want.
@@ -40,17 +41,20 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-class _GrowingCache:
-    """Functional cache for one layer: attends over the past plus the new keys/values and
-    keeps only the new ones; ``forward_kv`` appends all layers' to the past in one copy."""
+KV = tuple[torch.Tensor, ...]  # (k_0, v_0, k_1, v_1, ...): 2 * n_layer tensors (B, nh, P, hs)
 
-    def __init__(self, past: torch.Tensor):
-        self.past = past  # (2, B, nh, P, hs)
-        self.new: torch.Tensor | None = None
+
+class _GrowingCache:
+    """Functional cache for one layer: the past keys/values with the new ones appended,
+    which is both what attention reads and the layer's present (one copy per step)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, nh, P, hs)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        self.new = torch.stack([k, v])  # (2, B, nh, T, hs)
-        return torch.cat([self.past[0], k], dim=2), torch.cat([self.past[1], v], dim=2)
+        self.k = torch.cat([self.k, k], dim=2)  # (B, nh, P + T, hs)
+        self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class _StaticSlot:
@@ -172,26 +176,31 @@ class GPT(nn.Module):
                                ignore_index=-1)
         return logits, loss
 
-    def empty_kv(self, batch: int) -> torch.Tensor:
+    def empty_kv(self, batch: int) -> KV:
         """A cache with no past positions, on the weights' device and dtype."""
         ref = self.lm_head.weight
         return empty_kv(self.config, batch, ref.device, ref.dtype)
 
-    def forward_kv(self, idx: torch.Tensor, kv: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None):
-        """idx (B, T) after kv (L, 2, B, nh, P, hs) -> (logits (B, V), present (L, 2, B, nh, P+T, hs)).
+    def forward_kv(self, idx: torch.Tensor, past: KV, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, logits_to_keep=1):
+        """idx (B, T) after ``past`` (P positions) -> (logits (B, K, V), present (P + T positions)).
 
         ``attention_mask`` (B, P+T), 1 for real tokens and 0 for left padding, lets prompts
-        of different lengths share a batch; positions then count real tokens only.
-        The caller keeps P + T <= block_size (positions are learned, a cache cannot slide).
+        of different lengths share a batch; positions then count real tokens only, unless
+        ``position_ids`` (B, T) gives them. ``logits_to_keep`` K (an int or a 0-d tensor):
+        logits of the last K positions only, 0 for all (the lm_head is the costliest matmul
+        of a prefill). The caller keeps P + T <= block_size (positions are learned, a cache
+        cannot slide).
         """
-        T, P = idx.size(1), kv.size(4)
+        T, P = idx.size(1), past[0].size(2)
         q_pos = positions(idx, P, T)
         mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
-        caches = [_GrowingCache(kv[i]) for i in range(self.config.n_layer)]
+        if position_ids is not None:
+            pos = position_ids
+        caches = [_GrowingCache(past[2 * i], past[2 * i + 1]) for i in range(self.config.n_layer)]
         h = self._hidden(idx, pos, caches, mask)
-        present = torch.cat([kv, torch.stack([c.new for c in caches])], dim=4)
-        return self.lm_head(h[:, -1, :]), present
+        present = tuple(t for c in caches for t in (c.k, c.v))
+        return self.lm_head(h[:, -logits_to_keep:]), present
 
     def new_static_caches(self, batch: int, max_len: int | None = None,
                           device=None, dtype=None) -> nn.ModuleList:
@@ -215,12 +224,12 @@ class GPT(nn.Module):
         return self.lm_head(h[:, -1, :])
 
 
-def empty_kv(config: GPTConfig, batch: int, device=None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A functional cache with no past positions: (n_layer, 2, batch, n_head, 0, head_dim),
-    the layout ``forward_kv`` and the exported cache graphs take."""
+def empty_kv(config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KV:
+    """A functional cache with no past positions: 2 * n_layer tensors (batch, n_head, 0,
+    head_dim), the layout ``forward_kv`` and the exported cache graphs take."""
     c = config
-    return torch.zeros(c.n_layer, 2, batch, c.n_head, 0, c.head_dim, device=device, dtype=dtype)
+    empty = torch.zeros(batch, c.n_head, 0, c.head_dim, device=device, dtype=dtype)
+    return (empty,) * (2 * c.n_layer)
 
 
 def positions(ref: torch.Tensor, start, n) -> torch.Tensor:
@@ -231,6 +240,12 @@ def positions(ref: torch.Tensor, start, n) -> torch.Tensor:
     (and fail next to CUDA weights). ``new_ones`` takes the device from ``ref`` at run time.
     """
     return ref.new_ones(n, dtype=torch.long).cumsum(0) + (start - 1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, S) for an attention mask (B, S): each row counts its real tokens
+    from 0; left padding gets 0 (it is masked out anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None):
@@ -246,7 +261,7 @@ def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.
     if attention_mask is None:
         return causal, q_pos
     real = attention_mask.bool()  # (B, S)
-    pos = (real.long().cumsum(-1) - 1).clamp(min=0).index_select(1, q_pos)  # (B, T)
+    pos = positions_from_mask(attention_mask).index_select(1, q_pos)  # (B, T)
     self_key = keys[None, :] == q_pos[:, None]  # (T, S)
     mask = (causal[None] & real[:, None, :]) | self_key[None]  # (B, T, S)
     return mask[:, None], pos

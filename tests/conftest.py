@@ -15,6 +15,17 @@ from slm_export.config import PRESETS  # noqa: E402
 from slm_export.model import GPT  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a GPU and skip elsewhere, with the reason
+    (`pytest -m cuda` lists them all; scripts/gpu-check.sh runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> GPT:
     """The `tiny` architecture with seeded random weights, in eval mode."""

@@ -16,11 +16,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from slm_export.artifacts import kv_layout
 from slm_export.artifacts.manifest import Manifest
 from slm_export.cli.export import main
 from slm_export.errors import SlmError
 from slm_export.export import verify
 from slm_export.export.signatures import LogitsModule
+from slm_export.model import positions_from_mask
 from slm_export.runtime import GREEDY, backend_for_model, generate, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,8 @@ def test_torchscript_alone_on_every_length(export_dir, tiny_model):
 
 @pytest.mark.parametrize("past", [0, 1, 100])
 def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
+    """The files on their own, fed by name (ONNX, as other tools feed them) and by position
+    (TorchScript), without logits_to_keep (ONNX: every position) and with it."""
     sess = cpu_session(export_dir / "model_kv.onnx")
     ts, meta = jit_load(export_dir / "model_kv.ts")
     assert meta["kind"] == "torchscript_kv"
@@ -100,16 +104,25 @@ def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
         kv = eager_kv(tiny_model, prefix, kv, torch.ones(B, past, dtype=torch.long))[1]
     ids = torch.randint(0, 50257, (B, T))
     mask = torch.ones(B, past + T, dtype=torch.long)
-    want_logits, want_kv = eager_kv(tiny_model, ids, kv, mask)
-    logits, present = sess.run(None, {"input_ids": ids.numpy(), "past_key_values": kv.numpy(),
-                                      "attention_mask": mask.numpy()})
-    assert present.shape == (4, 2, B, 4, past + T, 32)
-    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(present, want_kv.numpy(), atol=1e-4, rtol=0)
+    mask[1, :2] = 0  # a left-padded row
+    pos = positions_from_mask(mask)[:, past:]
     with torch.no_grad():
-        ts_logits, ts_kv = ts(ids, kv, mask)
+        want_logits, want_kv = tiny_model.forward_kv(ids, kv, mask, logits_to_keep=0)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+             **{name: t.numpy() for name, t in zip(kv_layout.past_names(4), kv, strict=True)}}
+    logits, *present = sess.run(None, feeds)
+    assert logits.shape == (B, T, 50257) and len(present) == 8
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4, rtol=0)
+    for got, want in zip(present, want_kv, strict=True):
+        assert got.shape == (B, 4, past + T, 32)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    last, *_ = sess.run(None, {**feeds, "logits_to_keep": np.array(2)})
+    np.testing.assert_allclose(last, want_logits[:, -2:].numpy(), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        ts_logits, *ts_kv = ts(ids, mask, pos, kv, torch.tensor(0))
     torch.testing.assert_close(ts_logits, want_logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ts_kv, want_kv, atol=1e-4, rtol=0)
+    for got, want in zip(ts_kv, want_kv, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
@@ -118,15 +131,17 @@ def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
                 for v in values}
 
     kv = onnx.load(str(export_dir / "model_kv.onnx"))
+    past = {name: ["batch", 4, "past_sequence", 32] for name in kv_layout.past_names(4)}
     assert axes(kv.graph.input) == {
         "input_ids": ["batch", "sequence"],
-        "past_key_values": [4, 2, "batch", 4, "past_sequence", 32],
         "attention_mask": ["batch", "total_sequence"],
+        "position_ids": ["batch", "sequence"],
+        **past,
+        "logits_to_keep": [],
     }
-    assert axes(kv.graph.output) == {
-        "logits": ["batch", 50257],
-        "present_key_values": [4, 2, "batch", 4, "total_sequence", 32],
-    }
+    present = {name: ["batch", 4, "total_sequence", 32] for name in kv_layout.present_names(4)}
+    assert axes(kv.graph.output) == {"logits": ["batch", "kept_sequence", 50257], **present}
+    assert "logits_to_keep" in {i.name for i in kv.graph.initializer}  # optional, default 0
     full = onnx.load(str(export_dir / "model.onnx"))
     assert axes(full.graph.input) == {"input_ids": ["batch", "sequence"]}
     assert axes(full.graph.output) == {"logits": ["batch", "sequence", 50257]}
@@ -257,25 +272,3 @@ def test_cli_errors_in_process(tmp_path, tiny_ckpt, capsys):
         assert_one_line_error(capsys.readouterr().err, needle)
     assert not (tmp_path / "export").exists()  # nothing written for the corrupt checkpoint
     assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")]
-
-
-def test_export_killed_while_publishing_is_recovered(tmp_path):
-    import subprocess
-
-    from slm_export.artifacts.files import recover_folder
-
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True).stdout)
-    out = tmp_path / "export"
-    old = tmp_path / f".export.old{dead}"  # moved aside, the new folder never arrived
-    old.mkdir()
-    (old / "manifest.json").write_text("{}")
-    staging = tmp_path / f".export.tmp{dead}"
-    staging.mkdir()
-    recover_folder(out)
-    assert (out / "manifest.json").read_text() == "{}"
-    assert not old.exists()
-    from slm_export.artifacts.files import remove_stale_temps
-
-    remove_stale_temps(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -55,8 +55,8 @@ def test_kv_cache_matches_full_forward(length):
     logits, kv = model.forward_kv(idx[:, :split], model.empty_kv(2))
     for t in range(split, length):
         logits, kv = model.forward_kv(idx[:, t : t + 1], kv)
-    assert kv.shape == (6, 2, 2, 6, length, 64)
-    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=0)
+    assert len(kv) == 12 and all(t.shape == (2, 6, length, 64) for t in kv)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
 
     caches = model.new_static_caches(2)
     logits = model.forward_static(idx[:, :split], torch.arange(split), caches)
@@ -73,14 +73,34 @@ def test_left_padded_batch_matches_single_sequences(tiny_model):
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0
     logits, kv = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), mask)
-    torch.testing.assert_close(logits[0], tiny_model(a)[0][0, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[1], tiny_model(b)[0][0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[0, -1], tiny_model(a)[0][0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, -1], tiny_model(b)[0][0, 0], atol=1e-5, rtol=0)
     nxt = torch.tensor([[7], [8]])
     mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     logits, kv = tiny_model.forward_kv(nxt, kv, mask)
-    assert torch.isfinite(kv).all()
+    assert all(torch.isfinite(t).all() for t in kv)
     ref_b = tiny_model(torch.cat([b, nxt[1:]], 1))[0][0, 0]
-    torch.testing.assert_close(logits[1], ref_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, -1], ref_b, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_logits_to_keep_and_explicit_positions(tiny_model):
+    """logits_to_keep K returns the last K positions (0: all); explicit position ids (as
+    exported graphs take them) give what the mask implies."""
+    from slm_export.model import positions_from_mask
+
+    idx = torch.randint(0, 50257, (2, 12))
+    full = tiny_model(idx, idx)[0]
+    for keep, want in ((0, full), (1, full[:, -1:]), (5, full[:, -5:]), (torch.tensor(3), full[:, -3:])):
+        logits, _ = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), logits_to_keep=keep)
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    implied, _ = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), mask, logits_to_keep=0)
+    given, _ = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), mask, positions_from_mask(mask), 0)
+    torch.testing.assert_close(given, implied, atol=0, rtol=0)
+    shifted, _ = tiny_model.forward_kv(idx, tiny_model.empty_kv(2), mask, positions_from_mask(mask) + 1, 0)
+    assert not torch.allclose(shifted[1, 5:], implied[1, 5:], atol=1e-3)
 
 
 def test_traced_graphs_take_the_device_from_their_inputs(tiny_model):

@@ -151,7 +151,7 @@ def test_int8_variant_generates(export_dir, prompt_ids):
     assert [len(t) for t in out.tokens] == [8, 8]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["eager", "compiled", "torchscript", "ort"])
 def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids, eager_greedy):
     import copy

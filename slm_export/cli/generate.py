@@ -53,7 +53,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print token by token (default: when stdout is a terminal)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: cuda when available)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default auto: cuda when available (and usable by the backend), else cpu")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
@@ -90,14 +91,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
 
-    from slm_export.devices import resolve_device
-    from slm_export.runtime import SamplingConfig, TokenStream, load_backend, make_generator
+    from slm_export.runtime import SamplingConfig, TokenStream, make_generator
     from slm_export.tokenizer import encode
 
-    device = resolve_device(args.device)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, greedy=args.greedy)
-    backend = load_backend(args.backend, args.model or DEFAULT_MODEL, device, args.variant)
+    backend = _load(args)
     rows = [p for p in prompts for _ in range(args.num_samples)]
     stream = TokenStream(backend, [encode(p) for p in rows], max_new_tokens=args.max_new_tokens,
                          sampling=sampling, generator=make_generator(args.seed, backend.device),
@@ -105,6 +104,25 @@ def main(argv=None) -> int:
     live = sys.stdout.isatty() if args.stream is None else args.stream
     write_rows(stream, rows, sys.stdout, live)
     return 0
+
+
+def _load(args):
+    """The backend on the requested device. With --device auto, a CUDA machine whose ONNX
+    Runtime cannot use the GPU falls back to the CPU with a one-line warning; an explicit
+    --device cuda makes that an error."""
+    from slm_export.artifacts.loaders import CudaProviderError
+    from slm_export.devices import resolve_device
+    from slm_export.runtime import load_backend
+
+    model = args.model or DEFAULT_MODEL
+    device = resolve_device(args.device)
+    try:
+        return load_backend(args.backend, model, device, args.variant)
+    except CudaProviderError as e:
+        if args.device != "auto":
+            raise
+        print(f"warning: {e}; running on the CPU", file=sys.stderr)
+        return load_backend(args.backend, model, "cpu", args.variant)
 
 
 def write_rows(stream, texts: list[str], out, live: bool) -> None:

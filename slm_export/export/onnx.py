@@ -12,7 +12,10 @@ onnxscript), not the legacy TorchScript-based one. Why:
   2.6 (with onnxscript) to today.
 torch.export cannot express ``total_sequence = past_sequence + sequence`` with named Dims,
 so every axis is exported as ``Dim.DYNAMIC`` and its symbol renamed afterwards to the
-contract's names (batch, sequence, past_sequence, total_sequence).
+contract's names (batch, sequence, past_sequence, total_sequence). The cache graph follows
+``artifacts/kv_layout.py``; its ``logits_to_keep`` input gets an initializer of 0 beside it,
+which makes it optional (ONNX Runtime lists it among the overridable initializers, not the
+inputs), so tools that do not know it get logits for every position.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
+from slm_export.artifacts import kv_layout
 from slm_export.artifacts.files import atomic_write
 from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
@@ -38,17 +43,20 @@ LOGITS_IO = {
     "inputs": {"input_ids": {0: "batch", 1: "sequence"}},
     "outputs": {"logits": {0: "batch", 1: "sequence"}},
 }
-KV_IO = {
-    "inputs": {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "past_key_values": {2: "batch", 4: "past_sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-    },
-    "outputs": {
-        "logits": {0: "batch"},
-        "present_key_values": {2: "batch", 4: "total_sequence"},
-    },
-}
+
+
+def kv_io(n_layer: int) -> dict:
+    """Names and dynamic axes of the cache graph (``artifacts/kv_layout.py``)."""
+    past = {name: {0: "batch", 2: "past_sequence"} for name in kv_layout.past_names(n_layer)}
+    present = {name: {0: "batch", 2: "total_sequence"}
+               for name in kv_layout.present_names(n_layer)}
+    return {
+        "inputs": {"input_ids": {0: "batch", 1: "sequence"},
+                   "attention_mask": {0: "batch", 1: "total_sequence"},
+                   "position_ids": {0: "batch", 1: "sequence"},
+                   **past, kv_layout.LOGITS_TO_KEEP: {}},
+        "outputs": {"logits": {0: "batch", 1: "kept_sequence"}, **present},
+    }
 
 
 def max_opset() -> int:
@@ -77,9 +85,13 @@ def _quiet_exporter():
         log.setLevel(level)
 
 
-def _export(module: torch.nn.Module, args: tuple, io: dict, opset: int) -> onnx.ModelProto:
-    dynamic = {name: {axis: torch.export.Dim.DYNAMIC for axis in axes}
-               for name, axes in io["inputs"].items()}
+def _dynamic(axes: dict) -> dict:
+    return {axis: torch.export.Dim.DYNAMIC for axis in axes}
+
+
+def _export(module: torch.nn.Module, args: tuple, io: dict, dynamic, opset: int) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of ``module`` on ``args``; ``dynamic`` is torch.export's
+    dynamic_shapes (structured like the forward's arguments), ``io`` the flat names."""
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -112,6 +124,14 @@ def _name_axes(proto: onnx.ModelProto, io: dict) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
+def _default_logits_to_keep(proto: onnx.ModelProto) -> None:
+    """An initializer of 0 under the input's name: the input becomes optional (all positions)."""
+    from onnx import numpy_helper
+
+    default = numpy_helper.from_array(np.array(0, dtype=np.int64), kv_layout.LOGITS_TO_KEEP)
+    proto.graph.initializer.append(default)
+
+
 def save(proto: onnx.ModelProto, path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Embed ``metadata`` and write atomically, weights inline (our models are far < 2 GB)."""
     del proto.metadata_props[:]
@@ -125,10 +145,18 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
     """Write model.onnx and model_kv.onnx (fp32) into ``folder``; -> {file name: kind}."""
     check_opset(opset)
     folder = Path(folder)
-    save(_export(LogitsModule(model), logits_inputs(model.config), LOGITS_IO, opset),
-         folder / "model.onnx", provenance.file_metadata("onnx"))
-    save(_export(KVModule(model), kv_inputs(model.config), KV_IO, opset),
-         folder / "model_kv.onnx", provenance.file_metadata("onnx_kv"))
+    full = _export(LogitsModule(model), logits_inputs(model.config), LOGITS_IO,
+                   {"input_ids": _dynamic(LOGITS_IO["inputs"]["input_ids"])}, opset)
+    save(full, folder / "model.onnx", provenance.file_metadata("onnx"))
+    io = kv_io(model.config.n_layer)
+    axes = io["inputs"]
+    dynamic = {name: _dynamic(axes[name]) for name in kv_layout.TOKEN_INPUTS}
+    dynamic["past_key_values"] = tuple(_dynamic(axes[name])
+                                       for name in kv_layout.past_names(model.config.n_layer))
+    dynamic["logits_to_keep"] = None
+    kv = _export(KVModule(model), kv_inputs(model.config), io, dynamic, opset)
+    _default_logits_to_keep(kv)
+    save(kv, folder / "model_kv.onnx", provenance.file_metadata("onnx_kv"))
     return {"model.onnx": "onnx", "model_kv.onnx": "onnx_kv"}
 
 
@@ -158,7 +186,8 @@ def _prepare_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     from onnx import numpy_helper
 
-    inits = {init.name: init for init in model.graph.initializer}
+    inputs = {value.name for value in model.graph.input}  # optional inputs stay as they are
+    inits = {init.name: init for init in model.graph.initializer if init.name not in inputs}
     nodes = []
     for node in model.graph.node:
         if node.op_type == "Transpose" and node.input[0] in inits:
@@ -221,11 +250,12 @@ def _fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    # Weights and math in fp16; inputs/outputs (and so the KV cache) stay fp32. LayerNorm is
+    # Weights, math and the KV cache in fp16 (with fp32 past/present every step would cast
+    # the whole cache both ways); the logits stay fp32 for sampling. LayerNorm is
     # safe as is: ONNX LayerNormalization computes its statistics in fp32 (stash_type=1), and
     # ORT's fp16 Softmax accumulates in fp32. (Blocking them with op_block_list makes the
     # converter emit duplicate casts for shared weights, an invalid graph.)
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=["logits"])
     wrapped = OnnxModel(model)
     wrapped.topological_sort()  # the converter appends its input casts after their users
     onnx.save(wrapped.model, str(dst))

@@ -1,16 +1,16 @@
 """The two signatures every format exports (the contract the runtimes rely on).
 
 - ``LogitsModule``: input_ids (B, T) int64 -> logits (B, T, V), every position.
-- ``KVModule``: input_ids (B, T), past_key_values (L, 2, B, nh, P, hs), attention_mask
-  (B, P + T) int64 -> logits (B, V) of the last position, present_key_values
-  (L, 2, B, nh, P + T, hs). P may be 0.
+- ``KVModule``: the cache graph of ``artifacts/kv_layout.py`` (the layout optimum and
+  onnxruntime-genai share): input_ids, attention_mask, position_ids, the past per layer and
+  logits_to_keep -> (logits (B, K, V), *present).
 """
 
 from __future__ import annotations
 
 import torch
 
-from slm_export.model import positions
+from slm_export.model import positions, positions_from_mask
 
 
 class LogitsModule(torch.nn.Module):
@@ -28,16 +28,19 @@ class LogitsModule(torch.nn.Module):
 
 
 class KVModule(torch.nn.Module):
-    """``GPT.forward_kv`` with the padding mask as a required input."""
+    """``GPT.forward_kv`` with explicit position ids and the present flattened into outputs."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model.eval()
         self.eval()
 
-    def forward(self, input_ids: torch.Tensor, past_key_values: torch.Tensor,
-                attention_mask: torch.Tensor):
-        return self.model.forward_kv(input_ids, past_key_values, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past_key_values: tuple[torch.Tensor, ...],
+                logits_to_keep: torch.Tensor):
+        logits, present = self.model.forward_kv(input_ids, past_key_values, attention_mask,
+                                                position_ids, logits_to_keep)
+        return (logits, *present)
 
 
 def logits_inputs(config, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor]:
@@ -45,10 +48,12 @@ def logits_inputs(config, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor]:
     return (torch.randint(0, config.vocab_size, (batch, seq)),)
 
 
-def kv_inputs(config, batch: int = 2, seq: int = 5, past: int = 3):
-    """Trace / export inputs for ``KVModule``: a non-empty past, so the concat is recorded
-    generally (sizes of 0 or 1 get specialised by tracers)."""
+def kv_inputs(config, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
+    """Trace / export inputs for ``KVModule``: a non-empty past and more than one kept
+    logit, so nothing gets specialised to sizes 0 or 1 by tracers."""
     ids = torch.randint(0, config.vocab_size, (batch, seq))
-    kv = torch.zeros(config.n_layer, 2, batch, config.n_head, past, config.head_dim)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
-    return ids, kv, mask
+    position_ids = positions_from_mask(mask)[:, past:]
+    kv = tuple(torch.zeros(batch, config.n_head, past, config.head_dim)
+               for _ in range(2 * config.n_layer))
+    return ids, mask, position_ids, kv, torch.tensor(2)

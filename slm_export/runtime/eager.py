@@ -26,11 +26,11 @@ class EagerBackend:
         B, T = ids.shape
         logits, kv = self.model.forward_kv(ids, self.model.empty_kv(B), attention_mask)
         mask = window_mask(attention_mask, B, self.config.block_size, self.device)
-        return logits.float(), State(T, (kv, mask))
+        return logits[:, -1].float(), State(T, (kv, mask))
 
     def decode(self, tokens: torch.Tensor, state: State):
         rows = decode_rows(tokens, state, self.config.block_size)
         kv, mask = state.cache
         n = state.length + rows.size(1)
         logits, kv = self.model.forward_kv(rows, kv, None if mask is None else mask[:, :n])
-        return logits.float(), State(n, (kv, mask))
+        return logits[:, -1].float(), State(n, (kv, mask))

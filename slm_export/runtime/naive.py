@@ -27,7 +27,7 @@ class NaiveBackend:
             logits, _ = self.model(ids)  # (B, 1, V)
             return logits[:, 0].float()
         logits, _ = self.model.forward_kv(ids, self.model.empty_kv(ids.size(0)), mask)
-        return logits.float()
+        return logits[:, -1].float()
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)

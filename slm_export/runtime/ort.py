@@ -1,12 +1,11 @@
 """ort: ONNX Runtime on the exported ``model_kv.onnx`` (or its int8 / fp16 variant).
 
-Inputs ``input_ids`` (B, T) int64, ``past_key_values`` (L, 2, B, nh, P, hs) (P may be 0),
-``attention_mask`` (B, P+T) int64; outputs ``logits`` (B, V), ``present_key_values``.
-
-Every call goes through IO binding on every device: inputs and outputs are torch tensors
-bound by pointer, so ORT reads the cache where it lies and writes logits and the grown
-cache straight into tensors we allocated (no copy into numpy and back). The code that runs
-on a GPU is the code CI runs on the CPU; only the device string and the stream differ.
+The graph's signature is ``artifacts/kv_layout.py`` (per-layer past / present, position ids,
+``logits_to_keep``). Every call goes through IO binding on every device: inputs and outputs
+are torch tensors bound by pointer, so ORT reads the cache where it lies and writes logits
+and the grown cache straight into tensors we allocated (no copy into numpy and back). The
+code that runs on a GPU is the code CI runs on the CPU; only the device and the stream
+differ.
 
 On CUDA (not exercised in CI; tests/test_runtime.py::test_cuda_greedy_parity runs it on a
 GPU), ORT runs on a dedicated torch stream passed as its ``user_compute_stream`` (PyTorch's
@@ -18,19 +17,25 @@ outputs are complete when ``run_with_iobinding`` returns.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import numpy as np
 import torch
 
-from slm_export.artifacts.loaders import ort_session
+from slm_export.artifacts import kv_layout
+from slm_export.artifacts.loaders import (
+    CudaProviderError,
+    cpu_fallback,
+    ort_cuda_problem,
+    ort_session,
+)
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError
-from slm_export.model import empty_kv
+from slm_export.model import empty_kv, positions_from_mask
 from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
 
-INPUTS = ("input_ids", "past_key_values", "attention_mask")
-OUTPUTS = ("logits", "present_key_values")
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
              "tensor(int64)": torch.int64}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -44,60 +49,101 @@ class OrtBackend:
         self.config, self.path = config, path
         self.device = torch.device(device)
         self._stream = None
-        providers = None
-        if self.device.type == "cuda":  # CUDA-only (see the module docstring)
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.device = torch.device("cuda", index)
-            self._stream = torch.cuda.Stream(self.device)
-            providers = [("CUDAExecutionProvider", {
-                "device_id": index, "has_user_compute_stream": "1",
-                "user_compute_stream": str(self._stream.cuda_stream)}), "CPUExecutionProvider"]
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers = self._cuda_providers()
         self.session = ort_session(path, providers, threads)
-        if self._stream is not None and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            # ORT falls back to the CPU silently when its CUDA libraries do not load.
-            raise SlmError(f"ONNX Runtime could not start its CUDA provider for {path} "
-                           f"(it runs on {self.session.get_providers()}); run `slm-doctor`")
-        types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
-        if not set(INPUTS + OUTPUTS) <= types.keys():
-            raise SlmError(f"{path} is not a KV-cache model (inputs and outputs: {sorted(types)})")
-        self._kv_dtype = ORT_TYPES[types["past_key_values"]]
-        self._logits_dtype = ORT_TYPES[types["logits"]]
+        self._check_providers(path, providers[0])
+        self._check_signature(path)
         self._binding = self.session.io_binding()
-        self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
+        self._where = ("cuda" if self.device.type == "cuda" else "cpu", self.device.index or 0)
+        self._keep_one = torch.ones((), dtype=torch.long)  # logits_to_keep: the last position
 
-    def _bind(self, name: str, t: torch.Tensor, output: bool = False) -> None:
-        args = (name, self._ort_device, self.device.index or 0, NUMPY_TYPES[t.dtype],
-                tuple(t.shape), t.data_ptr())
+    def _cuda_providers(self) -> list:
+        """CUDA-only (CI checks the diagnosis, tests/test_runtime.py::test_cuda_greedy_parity
+        the rest on a GPU): the provider list for ORT's CUDA provider on our own stream."""
+        import onnxruntime as ort
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it misses
+            ort.preload_dlls()  # the NVIDIA libraries of pip's nvidia-* packages, if any
+        problem = ort_cuda_problem()
+        if problem:
+            raise CudaProviderError(problem)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self._stream = torch.cuda.Stream(self.device)
+        return [("CUDAExecutionProvider", {
+            "device_id": index, "has_user_compute_stream": "1",
+            "user_compute_stream": str(self._stream.cuda_stream)}), "CPUExecutionProvider"]
+
+    def _check_providers(self, path, preferred) -> None:
+        """Loud where ONNX Runtime would quietly run on the CPU: a provider that did not start,
+        or arithmetic left on the CPU under it (``cpu_fallback``; the same check runs on every
+        device, and is empty on the CPU)."""
+        preferred = preferred if isinstance(preferred, str) else preferred[0]
+        if self.session.get_providers()[0] != preferred:
+            raise CudaProviderError(f"ONNX Runtime did not start {preferred} for {path} "
+                                    f"(it runs on {self.session.get_providers()}); run slm-doctor")
+        fallback = cpu_fallback(self.session, preferred)
+        if fallback:
+            ops = ", ".join(f"{op} x{n}" for op, n in fallback.items())
+            hint = ("; the int8 file's dynamic quantization has no CUDA kernels: use --variant "
+                    "fp16 on CUDA" if "MatMulInteger" in fallback else "")
+            raise CudaProviderError(f"ONNX Runtime would run {ops} of {path} on the CPU under "
+                                    f"{preferred}{hint}")
+
+    def _check_signature(self, path) -> None:
+        values = [*self.session.get_inputs(), *self.session.get_overridable_initializers(),
+                  *self.session.get_outputs()]
+        types = {v.name: v.type for v in values}
+        L = self.config.n_layer
+        missing = set(kv_layout.input_names(L) + kv_layout.output_names(L)) - types.keys()
+        if missing:
+            raise SlmError(f"{path} is not a cache graph of this layout (no {sorted(missing)[0]}; "
+                           "files from slm-export < 0.2 need a re-export)")
+        self._kv_dtype = ORT_TYPES[types["past_key_values.0.key"]]
+        self._logits_dtype = ORT_TYPES[types["logits"]]
+
+    def _bind(self, name: str, t: torch.Tensor, output: bool = False, where=None) -> None:
+        device, index = where or self._where
+        args = (name, device, index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         (self._binding.bind_output if output else self._binding.bind_input)(*args)
 
-    def _run(self, ids: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor):
-        """One graph call: ids (B, T) after kv (.., P, ..) -> (logits (B, V) fp32, present)."""
+    def _run(self, ids: torch.Tensor, past: tuple, mask: torch.Tensor, pos: torch.Tensor):
+        """One graph call for ids (B, T) after ``past`` -> (last logits (B, V) fp32, present).
+
+        ``mask`` (B, P+T) and ``pos`` (B, T) are the window's views for this call."""
         c = self.config
         B, T = ids.shape
-        ids, mask = ids.contiguous(), mask.contiguous()
-        logits = torch.empty(B, c.vocab_size, dtype=self._logits_dtype, device=self.device)
-        present = torch.empty(c.n_layer, 2, B, c.n_head, kv.size(4) + T, c.head_dim,
-                              dtype=self._kv_dtype, device=self.device)
-        for name, tensor in zip(INPUTS, (ids, kv, mask), strict=True):
-            self._bind(name, tensor)
-        self._bind("logits", logits, output=True)
-        self._bind("present_key_values", present, output=True)
+        total = past[0].size(2) + T
+        logits = torch.empty(B, 1, c.vocab_size, dtype=self._logits_dtype, device=self.device)
+        present = [torch.empty(B, c.n_head, total, c.head_dim, dtype=self._kv_dtype,
+                               device=self.device) for _ in past]
+        tokens = [t.contiguous() for t in (ids, mask, pos)]  # alive until the run: bound by pointer
+        for name, t in zip(kv_layout.TOKEN_INPUTS, tokens, strict=True):
+            self._bind(name, t)
+        for name, t in zip(kv_layout.past_names(c.n_layer), past, strict=True):
+            self._bind(name, t)
+        self._bind(kv_layout.LOGITS_TO_KEEP, self._keep_one, where=("cpu", 0))
+        for name, t in zip(kv_layout.output_names(c.n_layer), (logits, *present), strict=True):
+            self._bind(name, t, output=True)
         if self._stream is not None:  # CUDA-only: ORT's stream waits for our inputs
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(self._binding)
-        return logits.float(), present
+        return logits[:, 0].float(), tuple(present)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
         B, T = ids.shape
         mask = window_mask(attention_mask, B, self.config.block_size, self.device, always=True)
-        empty = empty_kv(self.config, B, self.device, self._kv_dtype)
-        logits, kv = self._run(ids.to(self.device), empty, mask[:, :T])
-        return logits, State(T, (kv, mask))
+        pos = positions_from_mask(mask)
+        past = empty_kv(self.config, B, self.device, self._kv_dtype)
+        logits, present = self._run(ids.to(self.device), past, mask[:, :T], pos[:, :T])
+        return logits, State(T, (present, mask, pos))
 
     def decode(self, tokens: torch.Tensor, state: State):
         rows = decode_rows(tokens, state, self.config.block_size)
-        kv, mask = state.cache
-        n = state.length + rows.size(1)
-        logits, kv = self._run(rows.to(self.device), kv, mask[:, :n])
-        return logits, State(n, (kv, mask))
+        past, mask, pos = state.cache
+        start, n = state.length, state.length + rows.size(1)
+        logits, present = self._run(rows.to(self.device), past, mask[:, :n], pos[:, start:n])
+        return logits, State(n, (present, mask, pos))

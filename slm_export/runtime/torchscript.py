@@ -1,8 +1,9 @@
-"""torchscript: the exported ``model_kv.ts`` (the functional KV-cache signature).
+"""torchscript: the exported ``model_kv.ts`` (the cache signature of ``artifacts/kv_layout.py``).
 
-``forward(input_ids (B, T), past_key_values (L, 2, B, nh, P, hs), attention_mask (B, P+T))
--> (logits (B, V), present_key_values)``. The exported graph always takes a mask, so an
-unpadded batch carries a (B, block_size) buffer of ones; a step passes a view of it.
+``forward(input_ids (B, T), attention_mask (B, P+T), position_ids (B, T), past (tuple of
+2 * n_layer (B, nh, P, hs)), logits_to_keep ()) -> (logits (B, K, V), *present)``. The graph
+always takes a mask and position ids, so an unpadded batch carries a (B, block_size) buffer
+of ones and its positions; a step passes views of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from slm_export.artifacts.loaders import load_torchscript
 from slm_export.config import GPTConfig
-from slm_export.model import empty_kv
+from slm_export.model import empty_kv, positions_from_mask
 from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
 
 
@@ -26,18 +27,23 @@ class TorchScriptBackend:
         self.device = torch.device(device)
         self.path = path
         self.module, _ = load_torchscript(path, map_location=self.device)
+        self._keep_one = torch.ones((), dtype=torch.long, device=self.device)
+
+    def _run(self, ids, past, mask, pos):
+        logits, *present = self.module(ids, mask, pos, past, self._keep_one)
+        return logits[:, -1].float(), tuple(present)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
         B, T = ids.shape
-        c = self.config
-        mask = window_mask(attention_mask, B, c.block_size, self.device, always=True)
-        logits, kv = self.module(ids, empty_kv(c, B, self.device), mask[:, :T])
-        return logits.float(), State(T, (kv, mask))
+        mask = window_mask(attention_mask, B, self.config.block_size, self.device, always=True)
+        pos = positions_from_mask(mask)
+        logits, present = self._run(ids, empty_kv(self.config, B, self.device), mask[:, :T], pos[:, :T])
+        return logits, State(T, (present, mask, pos))
 
     def decode(self, tokens: torch.Tensor, state: State):
         rows = decode_rows(tokens, state, self.config.block_size)
-        kv, mask = state.cache
-        n = state.length + rows.size(1)
-        logits, kv = self.module(rows, kv, mask[:, :n])
-        return logits.float(), State(n, (kv, mask))
+        past, mask, pos = state.cache
+        start, n = state.length, state.length + rows.size(1)
+        logits, present = self._run(rows, past, mask[:, :n], pos[:, start:n])
+        return logits, State(n, (present, mask, pos))

@@ -1,0 +1,51 @@
+"""slm-doctor, as a user runs it first on a new machine (here: the CPU half)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_doctor_on_this_machine(tmp_path):
+    out = tmp_path / "doctor.json"
+    proc = subprocess.run([sys.executable, "-m", "slm_export.doctor", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(out.read_text())
+    smokes = {(s["backend"], s["device"]): s["status"] for s in report["smoke"]}
+    for name in ("eager", "compiled", "torchscript", "ort", "naive"):
+        assert smokes[(name, "cpu")] == "PASS", report["smoke"]
+        assert name in proc.stdout
+    assert report["facts"]["ORT providers available"]
+    if not torch.cuda.is_available():
+        assert "CUDA is absent" in proc.stdout and report["facts"]["ORT CUDA provider"] != "can start"
+        assert "[cuda,cudnn]" in report["facts"]["ORT CUDA provider"]
+        assert "[cuda,cudnn]" in proc.stdout  # printed as text, not eaten as rich markup
+        assert not any(device == "cuda" for _, device in smokes)
+
+
+def test_doctor_reports_a_failing_backend(monkeypatch):
+    """A backend that gives other tokens is a FAIL with a reason, and the exit code says so."""
+    from slm_export import doctor
+    from slm_export.runtime import eager
+
+    real = eager.EagerBackend.decode
+
+    def off_by_one(self, tokens, state):
+        logits, state = real(self, tokens, state)
+        return logits.roll(1, dims=-1), state
+
+    monkeypatch.setattr(eager.EagerBackend, "decode", off_by_one)
+    smokes = doctor.smoke_runs(["cpu"])
+    by_name = {s.backend: s for s in smokes}
+    # eager is also the reference, so the reference changes too: compare with the others
+    assert by_name["naive"].status == "FAIL" and "differ" in by_name["naive"].detail
