@@ -178,7 +178,8 @@ class Case:
     variant: str
     backend: object
     load_s: float
-    baseline_mb: float | None  # RSS before the backend was built
+    baseline_mb: float | None  # before the backend was built: process RSS, or on CUDA the
+    # device memory in use (torch.cuda.mem_get_info), which also sees ONNX Runtime's arena
 
 
 @pytest.fixture(scope="session")
@@ -190,8 +191,9 @@ def case(request, bench) -> Case:
     name, variant = request.param
     bench.mem.reset()
     baseline = bench.mem.rss_mb()
-    if bench.device.type == "cuda":
+    if bench.device.type == "cuda":  # CUDA-only: run by scripts/gpu-check.sh
         torch.cuda.empty_cache()
+        baseline = bm.cuda_used_mb(bench.device)
     start = time.perf_counter()
     try:
         backend = load_backend(name, bench.model_dir, bench.device, variant=variant)

@@ -155,6 +155,13 @@ class RssPeak:
         return None if kb is None else max(0.0, kb / 1024 - baseline_mb)
 
 
+def cuda_used_mb(device: torch.device | str) -> float:
+    """Device memory in use on ``device`` by every allocator of every process (MB), as the
+    driver reports it: the one figure that sees ONNX Runtime's CUDA arena too."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return (total - free) / 2**20
+
+
 # --- machine facts ----------------------------------------------------------------------------
 
 def cpu_model() -> str:
