@@ -97,3 +97,41 @@ def encode(text: str) -> list[int]:
 
 def decode(ids) -> str:
     return get_encoding().decode(list(ids))
+
+
+def mergeable_ranks() -> dict[bytes, int]:
+    """Every ordinary token's bytes -> its id (= its BPE rank), the special token left out."""
+    enc = get_encoding()
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != EOT_ID}
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge that creates each multi-byte token, in rank order (GPT-2's merges.txt).
+
+    tiktoken keeps only ranks: BPE repeatedly joins the adjacent pair whose union has the
+    lowest rank. A token of rank r is therefore the union of the two pieces that BPE leaves
+    when it runs on the token's own bytes with only the ranks below r.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe(ranks, token, max_rank=rank)
+        if len(parts) != 2:
+            raise SlmError(f"token {rank} ({token!r}) is not one merge of lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best, at = max_rank, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
+            if rank < best:
+                best, at = rank, i
+        if at < 0:
+            break
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    return parts
