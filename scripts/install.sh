@@ -7,11 +7,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+py=.venv/bin/python
+pip=("$py" -m pip --quiet --disable-pip-version-check)
+# Earlier versions of this script installed openai-whisper without its dependencies, which
+# pip check reports as broken; the one file we used from it now has its own place (below).
+# (pip check without --quiet: --quiet hides its report.)
+broken="$("$py" -m pip check 2>/dev/null || true)"
+if grep -q '^openai-whisper ' <<<"$broken"; then
+    "${pip[@]}" uninstall --yes openai-whisper
+fi
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
-[ "$torch_spec" = skip ] || "${pip[@]}" "$torch_spec"
-# The GPT-2 BPE ranks ship inside openai-whisper; we read one file of it and want none of
-# its dependencies (numba, triton), hence --no-deps.
-"${pip[@]}" --no-deps "openai-whisper==20250625"
-"${pip[@]}" -e ".${extras:+[$extras]}"
-.venv/bin/python -c "from slm_export.tokenizer import get_encoding; assert get_encoding().n_vocab == 50257"
+[ "$torch_spec" = skip ] || "${pip[@]}" install "$torch_spec"
+"${pip[@]}" install -e ".${extras:+[$extras]}"
+# The GPT-2 BPE ranks ship inside the openai-whisper sdist (MIT). We take that one file out
+# of the downloaded sdist into the environment's data folder (slm_export.tokenizer.BPE_DATA),
+# checked by SHA-256, and install nothing of whisper: its dependencies (numba, triton) are
+# not ours.
+if ! "$py" -c "from slm_export import tokenizer as t; t.load_ranks(t.BPE_DATA)" 2>/dev/null; then
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    "${pip[@]}" download --no-deps --no-binary openai-whisper --dest "$tmp" "openai-whisper==20250625"
+    "$py" -c "import sys; from slm_export.tokenizer import extract_ranks; extract_ranks(sys.argv[1])" \
+        "$tmp"/*.tar.gz
+fi
+"$py" -c "from slm_export.tokenizer import get_encoding; assert get_encoding().n_vocab == 50257"

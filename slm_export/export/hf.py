@@ -1,9 +1,14 @@
-"""Hugging Face export: ``hf/config.json`` + ``hf/model.safetensors`` for
-``transformers.GPT2LMHeadModel.from_pretrained``.
+"""Hugging Face export: a complete ``hf/`` folder that ``transformers`` (``pipeline``,
+``AutoTokenizer``, ``GPT2LMHeadModel``) and the converters built on it open unchanged.
 
-Our GPT is GPT-2's architecture with nanoGPT's names, so the mapping is direct: HF's Conv1D
-stores (in, out) where nn.Linear stores (out, in), hence the transposes; a model without
-biases gets zero biases; the tied lm_head is saved once (``tie_word_embeddings``).
+Weights: our GPT is GPT-2's architecture with nanoGPT's names, so the mapping is direct:
+HF's Conv1D stores (in, out) where nn.Linear stores (out, in), hence the transposes; a model
+without biases gets zero biases; the tied lm_head is saved once (``tie_word_embeddings``).
+Tokenizer: ``vocab.json`` and ``merges.txt`` derived from the same SHA-256-checked ranks our
+tokenizer uses (each merge recovered from the ranks by ``tokenizer.bpe_merges``) come out
+byte for byte as OpenAI's GPT-2 ``encoder.json`` and ``vocab.bpe``; ``tokenizer.json`` is the
+same BPE for the ``tokenizers`` library. Every export checks that ``AutoTokenizer`` gives
+our ids (``verify_tokenizer``).
 Needs the optional ``transformers`` and ``safetensors`` packages (``pip install .[hf]``).
 """
 
@@ -11,15 +16,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from slm_export.artifacts.files import atomic_write
 from slm_export.errors import SlmError
-from slm_export.tokenizer import EOT_ID
+from slm_export.stories import story
+from slm_export.tokenizer import EOT_ID, EOT_TOKEN, bpe_merges, encode, mergeable_ranks
 
 FOLDER = "hf"
+WEIGHTS = "model.safetensors"
+# Beyond stories: what byte-level BPE gets wrong first (pre-token splits, bytes of one
+# character across tokens, whitespace runs, contractions, digits).
+TOKENIZER_SAMPLES = (
+    "Tom's dog didn't bark; they'll say it's 'fine'... OK?! (yes) -- 100% [sure] {x: 1}",
+    "café naïve über 日本語 한국어 Ελληνικά русский עברית العربية हिन्दी ไทย 🦄🐻‍❄️👩🏽‍💻",
+    "3.14159 1,000,000 2024-01-02 0x1F $9.99 #42 v1.2.3 1e-5 ½ ² ①",
+    "  leading\tand\t\ttabs   runs\n\n\nof  \n  lines\r\n\u00a0nbsp \u3000ideographic   ",
+)
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -72,17 +88,85 @@ def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def generation_config(config) -> dict:
+    """Stop and pad on <|endoftext|>; at most the model's context in total (learned positions)."""
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID,
+            "max_length": config.block_size}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (vocab.json and merges.txt are text): printable
+    Latin-1 bytes stand for themselves, the other 68 become chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """vocab.json, merges.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    of our GPT-2 encoding, as transformers' GPT-2 tokenizer reads them."""
+    ranks = mergeable_ranks()
+    char = byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
+    vocab[EOT_TOKEN] = EOT_ID
+    merges = [(text(a), text(b)) for a, b in bpe_merges(ranks)]
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN,
+               "pad_token": EOT_TOKEN}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, **special,
+        "add_prefix_space": False, "add_bos_token": False, "padding_side": "left",
+        "clean_up_tokenization_spaces": False,  # True would turn "a ." into "a." on decode
+        "added_tokens_decoder": {str(EOT_ID): {
+            "content": EOT_TOKEN, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}},
+    }
+    return {  # vocab.json and merges.txt byte for byte as OpenAI's encoder.json and vocab.bpe
+        "vocab.json": json.dumps(vocab).encode(),
+        "merges.txt": "\n".join(["#version: 0.2", *(f"{a} {b}" for a, b in merges)]).encode() + b"\n",
+        "tokenizer.json": _tokenizer_json(vocab, merges),
+        "tokenizer_config.json": _json(config),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> bytes:
+    """The ``tokenizers`` form of the same BPE: byte-level, GPT-2's split pattern, no prefix
+    space, <|endoftext|> as the one special token."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    return tok.to_str().encode()
+
+
+def _json(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def export(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str, str]:
-    """Write hf/config.json and hf/model.safetensors; -> {file name: kind}."""
+    """Write the hf/ folder (weights, model and generation config, tokenizer files), each file
+    atomically; -> {file name: kind}."""
     require()
     from safetensors.torch import save
 
     target = Path(folder) / FOLDER
-    config = json.dumps(hf_config(model.config), indent=2).encode()
-    weights = save(state_dict(model), metadata={"format": "pt"})
-    atomic_write(target / "config.json", lambda f: f.write(config))
-    atomic_write(target / "model.safetensors", lambda f: f.write(weights))
-    return {f"{FOLDER}/model.safetensors": "hf", f"{FOLDER}/config.json": "hf_config"}
+    files = {
+        "config.json": _json(hf_config(model.config)),
+        "generation_config.json": _json(generation_config(model.config)),
+        **tokenizer_files(model.config.block_size),
+        WEIGHTS: save(state_dict(model), metadata={"format": "pt"}),
+    }
+    for name, data in files.items():
+        atomic_write(target / name, lambda f, data=data: f.write(data))
+    return {f"{FOLDER}/{name}": "hf" if name == WEIGHTS else "hf_config" for name in files}
 
 
 def load(folder: str | os.PathLike):
@@ -91,3 +175,28 @@ def load(folder: str | os.PathLike):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(str(Path(folder) / FOLDER)).eval()
+
+
+def verify_tokenizer(folder: str | os.PathLike, texts: Sequence[str] | None = None) -> dict:
+    """``AutoTokenizer`` on the hf/ folder against our encoding: the same ids for every text
+    (default: held-out stories and ``TOKENIZER_SAMPLES``) and the same text back.
+    -> {"texts", "tokens"}; raises ``SlmError`` at the first difference. The texts must not
+    contain "<|endoftext|>" (transformers reads it as the special token, ``encode`` as text)."""
+    require()
+    from transformers import AutoTokenizer
+
+    if texts is None:
+        texts = [story(i) for i in range(1_000_000, 1_000_008)] + list(TOKENIZER_SAMPLES)
+    tok = AutoTokenizer.from_pretrained(str(Path(folder) / FOLDER))
+    tokens = 0
+    for text in texts:
+        want, got = encode(text), tok.encode(text, verbose=False)  # stories pass 128 tokens
+        if got != want:
+            pairs = enumerate(zip(got, want, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(got), len(want)))
+            raise SlmError(f"{FOLDER}/tokenizer.json: AutoTokenizer ids differ from ours at token {at} "
+                           f"of {text[:40]!r}")
+        if tok.decode(got) != text:
+            raise SlmError(f"{FOLDER}/tokenizer.json: AutoTokenizer does not decode {text[:40]!r} back")
+        tokens += len(want)
+    return {"texts": len(texts), "tokens": tokens}

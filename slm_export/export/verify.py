@@ -1,7 +1,8 @@
 """Verification of a (staged) export folder against eager PyTorch on the same weights.
 
 - Full-sequence files (``model.onnx``, ``model.ts``, ``hf/``) are opened with the artifacts
-  loaders and compared logit for logit with the all-position forward on a grid of shapes.
+  loaders and compared logit for logit with the all-position forward on a grid of shapes;
+  ``hf/``'s tokenizer, opened by ``AutoTokenizer``, must give our ids on held-out stories.
 - Cache files are opened the way the runtime serves them (``runtime.load_backend`` on the
   folder) and driven through the Backend contract (``prefill`` / ``decode``) beside the
   eager backend, then through the one generation loop (``runtime.generate``): what ships is
@@ -261,6 +262,12 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
             results[manifest.file(kind).name] = compare_backend(eager, served[name], name)
     for name, r in results.items():
         report(f"verified {name} on {r['shapes']} shapes: max |diff| vs eager {r['max_abs_diff']:.2g}")
+    if manifest.has("hf"):
+        from slm_export.export import hf
+
+        results["hf/tokenizer.json"] = r = hf.verify_tokenizer(folder)
+        report(f"verified hf/tokenizer.json: AutoTokenizer gives our ids on {r['tokens']} tokens "
+               f"of {r['texts']} texts and decodes them back")
     if served:
         results["generation"] = compare_generation(eager, served, generation_prompts(model.config))
         report(f"greedy {GENERATION_TOKENS}-token continuations of a padded batch identical: "
