@@ -213,15 +213,16 @@ class GPT(nn.Module):
         )
 
     def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, caches: nn.ModuleList,
-                       attention_mask: torch.Tensor | None = None):
-        """idx (B, T) written at input_pos (T,) into preallocated caches -> logits (B, V).
+                       attention_mask: torch.Tensor | None = None, all_logits: bool = False):
+        """idx (B, T) written at input_pos (T,) into preallocated caches -> logits (B, V) of
+        the last position, or (B, T, V) of every new one with ``all_logits``.
 
         ``attention_mask`` (B, max_len) marks real tokens (1) and left padding (0).
         """
         mask, pos = _mask_and_positions(input_pos, caches[0].k.size(2), attention_mask)
         slots = [_StaticSlot(cache, input_pos) for cache in caches]
         h = self._hidden(idx, pos, slots, mask)
-        return self.lm_head(h[:, -1, :])
+        return self.lm_head(h if all_logits else h[:, -1, :])
 
 
 def empty_kv(config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KV:

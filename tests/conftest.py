@@ -39,3 +39,26 @@ def tiny_ckpt(tmp_path_factory, tiny_model) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     checkpoint.save(checkpoint.weights_payload(tiny_model, tiny_model.config, step=0), path)
     return str(path)
+
+
+TRAINED_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory) -> str:
+    """The tiny preset trained briefly on the embedded stories through train.py: a model
+    whose greedy text is varied English-like stories (random weights repeat one token,
+    which every backend agrees on and proves little). ~1-2 minutes on 2 cores."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("trained")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "train.py"), "--dataset", "stories", "--stories", "2000",
+           "--preset", "tiny", "--max-iters", str(TRAINED_STEPS), "--eval-interval",
+           str(TRAINED_STEPS), "--eval-iters", "2", "--no-plots", "--quiet",
+           "--out-dir", str(root / "run"), "--data-root", str(root / "data")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(root / "run" / "best.pt")

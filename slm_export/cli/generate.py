@@ -139,14 +139,13 @@ def write_rows(stream, texts: list[str], out, live: bool) -> None:
     held = [[text] for text in texts]  # pieces not printed yet, per row
     current = 0  # the row printed live
     for step in stream:
-        for b, token in enumerate(step):
-            if token is not None:
-                held[b].append(decoders[b].push(token))
+        for b, tokens in enumerate(step):
+            held[b].extend(decoders[b].push(token) for token in tokens)
         while live:
             out.write("".join(held[current]))
             out.flush()
             held[current] = []
-            if not stream.done[current] or current == len(texts) - 1:
+            if stream.active[current] or current == len(texts) - 1:
                 break
             out.write(decoders[current].flush() + f"\n{SEPARATOR}\n")
             current += 1

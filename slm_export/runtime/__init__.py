@@ -29,7 +29,6 @@ from slm_export.runtime.generation import (
     TextDecoder,
     TokenStream,
     generate,
-    stream_text,
 )
 from slm_export.runtime.sampling import GREEDY, SamplingConfig, make_generator, sample
 
@@ -38,7 +37,7 @@ __all__ = [
     "Generation", "SamplingConfig", "StaleStateError", "State", "Stats", "TextDecoder",
     "TokenStream",
     "backend_for_model", "generate", "load_backend", "make_generator", "resolve_model_path",
-    "sample", "stream_text",
+    "sample",
 ]
 
 CHECKPOINT = "best.pt"

@@ -9,6 +9,10 @@ rules, context overflow, streaming) lives in ``generation.py`` and is written on
   row) appended to the window -> (logits of the last new position (B, V), new state).
   The caller keeps ``state.length + K <= block_size`` (positions are learned; a cache cannot
   slide) and re-prefills when the window is full.
+- ``score(tokens, state)``: like ``decode`` of (B, K) tokens, but -> logits after each of
+  them (B, K, V): one forward pass verifies K speculated tokens.
+- ``rewind(state, length)``: the state with only its first ``length`` positions (a rejected
+  speculation is dropped): functional caches slice, static caches move their position.
 
 Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime). A state is
 a value: ``decode`` returns a new one and leaves the old one as it was, except where a
@@ -19,12 +23,14 @@ states (decoding one raises ``StaleStateError``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from slm_export.config import GPTConfig
+from slm_export.tokenizer import EOT_ID
 
 BACKENDS = ("eager", "compiled", "torchscript", "ort", "naive")
 TORCH_BACKENDS = ("eager", "compiled", "naive")  # load a checkpoint
@@ -59,6 +65,10 @@ class Backend(Protocol):
 
     def decode(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
+    def score(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
+
+    def rewind(self, state: State, length: int) -> State: ...
+
 
 def window_mask(attention_mask: torch.Tensor | None, batch: int, block_size: int,
                 device: torch.device, always: bool = False) -> torch.Tensor | None:
@@ -91,3 +101,23 @@ def decode_rows(tokens: torch.Tensor, state: State, block_size: int) -> torch.Te
         raise ValueError(f"decode of {rows.size(1)} token(s) after {state.length} exceeds "
                          f"block_size {block_size}: re-prefill first")
     return rows
+
+
+def check_rewind(state: State, length: int) -> None:
+    if not 0 < length <= state.length:
+        raise ValueError(f"rewind to {length} positions of a state holding {state.length}")
+
+
+def left_pad(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+             pad_id: int = EOT_ID) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token rows -> ids (B, T) int64 left-padded, and a (B, T) mask (None if all same length)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            ids[b, T - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            mask[b, T - len(row):] = 1
+    if bool(mask.all()):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)

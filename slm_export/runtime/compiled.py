@@ -25,7 +25,7 @@ import torch
 import torch._inductor.config
 
 from slm_export.model import GPT
-from slm_export.runtime.base import StaleStateError, State, check_prefill, decode_rows
+from slm_export.runtime.base import StaleStateError, State, check_prefill, check_rewind, decode_rows
 
 
 def _prefill_step(model: GPT, idx, input_pos, caches, mask):
@@ -34,6 +34,10 @@ def _prefill_step(model: GPT, idx, input_pos, caches, mask):
 
 def _decode_step(model: GPT, idx, input_pos, caches, mask):
     return model.forward_static(idx, input_pos, caches, mask)
+
+
+def _score_step(model: GPT, idx, input_pos, caches, mask):
+    return model.forward_static(idx, input_pos, caches, mask, all_logits=True)
 
 
 class CompiledBackend:
@@ -48,6 +52,7 @@ class CompiledBackend:
         self.mode = mode
         self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self._decode = torch.compile(_decode_step, fullgraph=True, mode=mode)
+        self._score = torch.compile(_score_step, fullgraph=True)  # compiled at its first use
         # On CPU, inductor "freezing" folds the inference-only weights into the graph as
         # constants and pre-packs them for the matmul kernels (+20-45% decode tokens/s on
         # the 30m model, bench/RESULTS.md). It must be on whenever a call may (re)compile.
@@ -89,11 +94,31 @@ class CompiledBackend:
         logits = self._run(ids, 0, caches, mask)
         return logits.float(), State(T, (ticket, caches, mask))
 
-    def decode(self, tokens: torch.Tensor, state: State):
+    def _live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
         rows = decode_rows(tokens, state, self.config.block_size)
-        ticket, caches, mask = state.cache
-        if self._owner.get(rows.size(0)) != ticket:
+        if self._owner.get(rows.size(0)) != state.cache[0]:
             raise StaleStateError("this state's static cache was reused by a later prefill of "
                                   f"batch size {rows.size(0)} (one live generation per size)")
+        return rows
+
+    def decode(self, tokens: torch.Tensor, state: State):
+        rows = self._live(tokens, state)
+        _, caches, mask = state.cache
         logits = self._run(rows, state.length, caches, mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
+
+    def score(self, tokens: torch.Tensor, state: State):
+        rows = self._live(tokens, state)
+        _, caches, mask = state.cache
+        input_pos = self._positions[state.length:state.length + rows.size(1)]
+        torch._dynamo.maybe_mark_dynamic(rows, 1)
+        torch._dynamo.maybe_mark_dynamic(input_pos, 0)
+        with self._inductor_options():
+            logits = self._score(self.model, rows, input_pos, caches, mask)
+        return logits.float(), State(state.length + rows.size(1), state.cache)
+
+    def rewind(self, state: State, length: int) -> State:
+        """Moves the position back: slots past it are hidden by the causal mask (queries at
+        input_pos see keys <= input_pos) until a later step overwrites them."""
+        check_rewind(state, length)
+        return State(length, state.cache)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from slm_export.model import GPT
-from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
+from slm_export.runtime.base import State, check_prefill, check_rewind, decode_rows, window_mask
 
 
 class EagerBackend:
@@ -28,9 +28,22 @@ class EagerBackend:
         mask = window_mask(attention_mask, B, self.config.block_size, self.device)
         return logits[:, -1].float(), State(T, (kv, mask))
 
+    def score(self, tokens: torch.Tensor, state: State):
+        rows = decode_rows(tokens, state, self.config.block_size)
+        kv, mask = state.cache
+        n = state.length + rows.size(1)
+        logits, kv = self.model.forward_kv(rows, kv, None if mask is None else mask[:, :n],
+                                           logits_to_keep=rows.size(1))
+        return logits.float(), State(n, (kv, mask))
+
     def decode(self, tokens: torch.Tensor, state: State):
         rows = decode_rows(tokens, state, self.config.block_size)
         kv, mask = state.cache
         n = state.length + rows.size(1)
         logits, kv = self.model.forward_kv(rows, kv, None if mask is None else mask[:, :n])
         return logits[:, -1].float(), State(n, (kv, mask))
+
+    def rewind(self, state: State, length: int) -> State:
+        check_rewind(state, length)
+        kv, mask = state.cache
+        return State(length, (tuple(t[:, :, :length] for t in kv), mask))

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slm_export.runtime.base import Backend, State
+from slm_export.runtime.base import Backend, State, left_pad
 from slm_export.runtime.sampling import SamplingConfig, make_generator, sample
+from slm_export.runtime.speculative import Drafter, pad_drafts, verify
 from slm_export.tokenizer import EOT_ID, get_encoding
 
 OVERFLOW_POLICIES = ("rebase", "slide")
@@ -37,10 +38,17 @@ OVERFLOW_POLICIES = ("rebase", "slide")
 class Stats:
     prefills: int = 0
     decodes: int = 0
+    verify_steps: int = 0  # speculative forward passes (each scores 1 + K tokens per row)
+    drafted: int = 0  # draft tokens scored, active rows only
+    accepted: int = 0  # of them kept
     prompt_tokens: int = 0  # real tokens of the (cropped) prompts, all rows
     new_tokens: int = 0  # tokens emitted, all rows, <|endoftext|> excluded
     time_to_first_token: float | None = None  # seconds, prefill + first sample
     seconds: float = 0.0  # wall time spent inside the loop
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
 
 @dataclass
@@ -50,33 +58,21 @@ class Generation:
     stats: Stats = field(default_factory=Stats)
 
 
-def left_pad(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu",
-             pad_id: int = EOT_ID) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token rows -> ids (B, T) int64 left-padded, and a (B, T) mask (None if all same length)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, row in enumerate(rows):
-        if row:
-            ids[b, T - len(row):] = torch.as_tensor(row, dtype=torch.long)
-            mask[b, T - len(row):] = 1
-    if bool(mask.all()):
-        return ids.to(device), None
-    return ids.to(device), mask.to(device)
-
-
 class TokenStream:
-    """Iterate to generate: each step yields one entry per row, the new token id, or None
-    for a row that has finished (the step that samples <|endoftext|> yields None too).
+    """Iterate to generate: each step yields, per row, the tokens it emitted in that step
+    (one per step; several after a speculative verify step; none once the row finished, and
+    <|endoftext|>, which finishes it, is not emitted).
 
     The next forward pass runs lazily at the next step, so a consumer sees every token as
-    soon as it is sampled and no forward pass is wasted after the last one.
+    soon as it is sampled and no forward pass is wasted after the last one. With a
+    ``drafter`` (``speculative.py``) each decode step verifies up to ``draft_tokens`` drafts.
     """
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, sampling: SamplingConfig,
                  generator: torch.Generator | None = None, overflow: str = "rebase",
-                 stop_id: int | None = EOT_ID):
+                 stop_id: int | None = EOT_ID, drafter: Drafter | None = None,
+                 draft_tokens: int = 4):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -94,71 +90,116 @@ class TokenStream:
         if generator is None and not sampling.is_greedy:
             self.generator = make_generator(None, backend.device)
         self.stop_id = stop_id
-        self.history = [list(p[-self.window:]) for p in prompts]  # real tokens per row
-        self.prompt_lens = [len(h) for h in self.history]
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        # every sampled token per row, also after the row finished: what the cache holds
+        self.raw = [list(p[-self.window:]) for p in prompts]
+        self.prompt_lens = [len(r) for r in self.raw]
+        self.emitted = [0] * len(prompts)
         self.done = [False] * len(prompts)
-        self.stats = Stats(prompt_tokens=sum(len(h) for h in self.history))
-        self.step = 0
+        self.stats = Stats(prompt_tokens=sum(self.prompt_lens))
         self._state: State | None = None
-        self._tokens: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None  # sampled, not yet fed: (B,)
 
-    def __iter__(self) -> Iterator[list[int | None]]:
+    def __iter__(self) -> Iterator[list[list[int]]]:
         return self
 
-    def __next__(self) -> list[int | None]:
-        if self.step >= self.max_new_tokens or all(self.done):
+    def __next__(self) -> list[list[int]]:
+        if self._all_capped():
             raise StopIteration
         start = time.perf_counter()
-        host = self._advance()
-        out: list[int | None] = []
-        for b, tok in enumerate(host):
-            if self.done[b]:
-                out.append(None)
-            elif tok == self.stop_id:
-                self.done[b] = True  # only <|endoftext|> finishes a row early
-                out.append(None)
-            else:
-                self.history[b].append(tok)
-                out.append(tok)
-                self.stats.new_tokens += 1
-        self.step += 1
+        out = [self._emit(b, tokens) for b, tokens in enumerate(self._advance())]
         elapsed = time.perf_counter() - start
         self.stats.seconds += elapsed
         if self.stats.time_to_first_token is None:
             self.stats.time_to_first_token = elapsed
         return out
 
+    @property
+    def active(self) -> list[bool]:
+        """Rows still emitting: not finished, not at max_new_tokens."""
+        return [not (d or e >= self.max_new_tokens) for d, e in zip(self.done, self.emitted, strict=True)]
+
+    def _all_capped(self) -> bool:
+        return not any(self.active)
+
+    def _emit(self, b: int, tokens: list[int]) -> list[int]:
+        """Record row ``b``'s sampled tokens; -> those it emits (stop rules applied)."""
+        self.raw[b].extend(tokens)
+        out = []
+        for tok in tokens:
+            if self.done[b] or self.emitted[b] >= self.max_new_tokens:
+                break
+            if tok == self.stop_id:
+                self.done[b] = True  # only <|endoftext|> finishes a row early
+                break
+            out.append(tok)
+            self.emitted[b] += 1
+        self.stats.new_tokens += len(out)
+        return out
+
     @torch.inference_mode()
-    def _advance(self) -> list[int]:
-        """One forward pass (prefill, decode or overflow re-prefill) and one sample."""
+    def _advance(self) -> list[list[int]]:
+        """One forward pass (prefill, decode, verify or overflow re-prefill) and its samples."""
         state = self._state
         if state is None or state.length >= self.window:
-            # First step, or the window is full: (re-)prefill each row's last tokens.
-            # Each row's history already ends with the token just sampled.
-            rows = self.history if state is None else [h[-self.keep:] for h in self.history]
+            # First step, or the window is full: (re-)prefill each row's last tokens, which
+            # end with the token just sampled.
+            rows = self.raw if state is None else [r[-self.keep:] for r in self.raw]
             ids, mask = left_pad(rows, self.backend.device)
             logits, state = self.backend.prefill(ids, mask)
             self.stats.prefills += 1
         else:
-            logits, state = self.backend.decode(self._tokens, state)
+            drafts = self._drafts(state)
+            if drafts is not None:
+                return self._verify(state, drafts)
+            logits, state = self.backend.decode(self._pending, state)
             self.stats.decodes += 1
         self._state = state
-        self._tokens = sample(logits, self.sampling, self.generator)
-        return self._tokens.tolist()
+        self._pending = sample(logits, self.sampling, self.generator)
+        return [[t] for t in self._pending.tolist()]
+
+    def _drafts(self, state: State) -> torch.Tensor | None:
+        """(B, K) drafts to verify after the pending token, or None for a plain decode."""
+        k = min(self.draft_tokens, self.window - state.length - 1)
+        if self.drafter is None or k <= 0:
+            return None
+        drafts = pad_drafts(self.drafter.propose(self.raw, k), self.active)
+        if not drafts[0]:
+            return None
+        return torch.tensor(drafts, device=self.backend.device)
+
+    def _verify(self, state: State, drafts: torch.Tensor) -> list[list[int]]:
+        """Score the pending token and the drafts in one pass, keep what the rule accepts."""
+        fed = torch.cat([self._pending.unsqueeze(1), drafts], dim=1)  # (B, 1 + K)
+        logits, state = self.backend.score(fed, state)
+        active = torch.tensor(self.active, device=logits.device)
+        n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
+        K = drafts.size(1)
+        if n < K:  # the rejected drafts leave the cache
+            state = self.backend.rewind(state, state.length - (K - n))
+        self.drafter.commit(n)
+        rows = int(active.sum())
+        self.stats.verify_steps += 1
+        self.stats.drafted += K * rows
+        self.stats.accepted += n * rows
+        self._state, self._pending = state, tokens[:, -1]
+        return tokens.tolist()
 
     def result(self) -> Generation:
         """The tokens generated so far (consume the stream first for the full result)."""
-        tokens = [h[n:] for h, n in zip(self.history, self.prompt_lens, strict=True)]
+        tokens = [r[n:n + e] for r, n, e in zip(self.raw, self.prompt_lens, self.emitted, strict=True)]
         finish = ["eot" if d else "length" for d in self.done]
         return Generation(tokens=tokens, finish=finish, stats=self.stats)
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig, generator: torch.Generator | None = None,
-             overflow: str = "rebase", stop_id: int | None = EOT_ID) -> Generation:
+             overflow: str = "rebase", stop_id: int | None = EOT_ID,
+             drafter: Drafter | None = None, draft_tokens: int = 4) -> Generation:
     """Generate for a batch of token-id prompts; -> new tokens per row, finish reasons, stats."""
     stream = TokenStream(backend, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                         generator=generator, overflow=overflow, stop_id=stop_id)
+                         generator=generator, overflow=overflow, stop_id=stop_id,
+                         drafter=drafter, draft_tokens=draft_tokens)
     for _ in stream:
         pass
     return stream.result()
@@ -178,20 +219,3 @@ class TextDecoder:
     def flush(self) -> str:
         """Whatever is left (an incomplete sequence at the end becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
-
-
-def stream_text(backend: Backend, prompt: Sequence[int], *, max_new_tokens: int,
-                sampling: SamplingConfig, generator: torch.Generator | None = None,
-                overflow: str = "rebase") -> Iterator[str]:
-    """Generate for one prompt and yield the continuation as text pieces, as they form."""
-    stream = TokenStream(backend, [prompt], max_new_tokens=max_new_tokens, sampling=sampling,
-                         generator=generator, overflow=overflow)
-    decoder = TextDecoder()
-    for (token,) in stream:
-        if token is not None:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail

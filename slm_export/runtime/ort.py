@@ -34,7 +34,7 @@ from slm_export.artifacts.loaders import (
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError
 from slm_export.model import empty_kv, positions_from_mask
-from slm_export.runtime.base import State, check_prefill, decode_rows, window_mask
+from slm_export.runtime.base import State, check_prefill, check_rewind, decode_rows, window_mask
 
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
              "tensor(int64)": torch.int64}
@@ -109,14 +109,15 @@ class OrtBackend:
         args = (name, device, index, NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         (self._binding.bind_output if output else self._binding.bind_input)(*args)
 
-    def _run(self, ids: torch.Tensor, past: tuple, mask: torch.Tensor, pos: torch.Tensor):
-        """One graph call for ids (B, T) after ``past`` -> (last logits (B, V) fp32, present).
+    def _run(self, ids: torch.Tensor, past: tuple, mask: torch.Tensor, pos: torch.Tensor,
+             keep: int = 1):
+        """One graph call for ids (B, T) after ``past`` -> (logits (B, keep, V) fp32, present).
 
         ``mask`` (B, P+T) and ``pos`` (B, T) are the window's views for this call."""
         c = self.config
         B, T = ids.shape
         total = past[0].size(2) + T
-        logits = torch.empty(B, 1, c.vocab_size, dtype=self._logits_dtype, device=self.device)
+        logits = torch.empty(B, keep, c.vocab_size, dtype=self._logits_dtype, device=self.device)
         present = [torch.empty(B, c.n_head, total, c.head_dim, dtype=self._kv_dtype,
                                device=self.device) for _ in past]
         tokens = [t.contiguous() for t in (ids, mask, pos)]  # alive until the run: bound by pointer
@@ -124,13 +125,14 @@ class OrtBackend:
             self._bind(name, t)
         for name, t in zip(kv_layout.past_names(c.n_layer), past, strict=True):
             self._bind(name, t)
-        self._bind(kv_layout.LOGITS_TO_KEEP, self._keep_one, where=("cpu", 0))
+        keep_t = self._keep_one if keep == 1 else torch.tensor(keep)
+        self._bind(kv_layout.LOGITS_TO_KEEP, keep_t, where=("cpu", 0))
         for name, t in zip(kv_layout.output_names(c.n_layer), (logits, *present), strict=True):
             self._bind(name, t, output=True)
         if self._stream is not None:  # CUDA-only: ORT's stream waits for our inputs
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(self._binding)
-        return logits[:, 0].float(), tuple(present)
+        return logits.float(), tuple(present)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         check_prefill(ids, self.config.block_size)
@@ -139,11 +141,22 @@ class OrtBackend:
         pos = positions_from_mask(mask)
         past = empty_kv(self.config, B, self.device, self._kv_dtype)
         logits, present = self._run(ids.to(self.device), past, mask[:, :T], pos[:, :T])
-        return logits, State(T, (present, mask, pos))
+        return logits[:, -1], State(T, (present, mask, pos))
 
-    def decode(self, tokens: torch.Tensor, state: State):
+    def score(self, tokens: torch.Tensor, state: State, keep: int | None = None):
         rows = decode_rows(tokens, state, self.config.block_size)
         past, mask, pos = state.cache
         start, n = state.length, state.length + rows.size(1)
-        logits, present = self._run(rows.to(self.device), past, mask[:, :n], pos[:, start:n])
+        logits, present = self._run(rows.to(self.device), past, mask[:, :n], pos[:, start:n],
+                                    rows.size(1) if keep is None else keep)
         return logits, State(n, (present, mask, pos))
+
+    def decode(self, tokens: torch.Tensor, state: State):
+        logits, state = self.score(tokens, state, keep=1)
+        return logits[:, -1], state
+
+    def rewind(self, state: State, length: int) -> State:
+        check_rewind(state, length)
+        past, mask, pos = state.cache
+        # ORT binds dense buffers by pointer: a sliced cache is copied into one
+        return State(length, (tuple(t[:, :, :length].contiguous() for t in past), mask, pos))

@@ -1,0 +1,148 @@
+"""Speculative decoding: cheap drafts, verified K at a time by the one backend's ``score``.
+
+A verify step feeds each row's pending token plus K drafted tokens in one forward pass
+(``Backend.score``): logits after each of them. Draft i is kept when the target agrees —
+greedy: it is the argmax; sampling: with probability p(draft) (the standard accept/reject
+rule for a deterministic draft, whose q is one-hot), and a rejected position draws from p
+with the draft removed — so the output has exactly the target's distribution. The batch
+keeps the accepted prefix common to its active rows (n = min over rows): a row that
+accepted further emits its draft at position n, which the rule accepted; the others emit
+their resampled (or, at n = K, bonus) token. The cache is rewound to the kept positions.
+
+Drafts (``Drafter``): ``NgramDrafter`` (prompt lookup: the continuation of the longest
+recent n-gram match in the row's own history, no second model) and ``ModelDrafter`` (a
+smaller model of the same tokenizer through any backend, greedy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from slm_export.runtime.base import Backend, State, left_pad
+from slm_export.runtime.sampling import SamplingConfig, probabilities
+
+SPECULATIVE = ("ngram", "draft")
+
+
+class Drafter(Protocol):
+    def propose(self, history: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+        """Up to ``k`` guessed next tokens per row; ``history`` ends with the pending token."""
+
+    def commit(self, accepted: int) -> None:
+        """How many of the last proposals the batch kept (each row then emitted one more)."""
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the row's last n tokens (n from
+    ``max_ngram`` down to ``min_ngram``) and propose what followed it."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, history: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+        return [self._lookup(list(row), k) for row in history]
+
+    def _lookup(self, row: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(row) - 1), self.min_ngram - 1, -1):
+            tail = row[-n:]
+            for start in range(len(row) - n - 1, -1, -1):  # latest match first
+                if row[start:start + n] == tail:
+                    return row[start + n:start + n + k]
+        return []
+
+    def commit(self, accepted: int) -> None:
+        pass
+
+
+class ModelDrafter:
+    """Greedy drafts from a smaller model through any backend, its cache kept in step with
+    the stream's history: after each verify step it is rewound to the kept drafts and fed
+    the tokens it has not seen. Its own window re-prefills the rows' last half when full."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.window = backend.config.block_size
+        self._state: State | None = None
+        self._fed: list[int] = []  # per row: history tokens in the draft cache, from the start
+        self._kept_drafts = 0  # drafts of the last proposal still in the cache
+
+    def propose(self, history: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+        device = self.backend.device
+        pending = [len(h) - fed for h, fed in zip(history, self._fed, strict=False)] or [0]
+        if self._state is None or self._state.length + max(pending) + k - 1 > self.window:
+            rows = [list(h[-(self.window // 2):]) for h in history]
+            ids, mask = left_pad(rows, device)
+            logits, self._state = self.backend.prefill(ids, mask)
+        else:
+            if len(set(pending)) != 1:
+                raise ValueError(f"rows advanced unevenly since the last proposal: {pending}")
+            ids = torch.tensor([h[fed:] for h, fed in zip(history, self._fed, strict=True)],
+                               device=device)
+            logits, self._state = self.backend.decode(ids, self._state)
+        self._fed = [len(h) for h in history]
+        drafts = [logits.argmax(-1)]
+        for _ in range(k - 1):
+            logits, self._state = self.backend.decode(drafts[-1], self._state)
+            drafts.append(logits.argmax(-1))
+        self._kept_drafts = k - 1  # the last draft was never fed
+        return torch.stack(drafts, dim=1).tolist()
+
+    def commit(self, accepted: int) -> None:
+        """Keep the accepted drafts in the cache; the bonus token is fed next time."""
+        keep = min(accepted, self._kept_drafts)
+        drop = self._kept_drafts - keep
+        if drop:
+            self._state = self.backend.rewind(self._state, self._state.length - drop)
+        self._fed = [fed + keep for fed in self._fed]
+        self._kept_drafts = 0
+
+
+def pad_drafts(drafts: list[list[int]], active: Sequence[bool]) -> list[list[int]]:
+    """Rows' drafts cut to the longest one among active rows, short rows padded with their
+    last draft (or 0): every row must feed K tokens; a padded guess is simply rejected."""
+    k = max((len(d) for d, a in zip(drafts, active, strict=True) if a), default=0)
+    return [(d + [d[-1] if d else 0] * k)[:k] for d in drafts]
+
+
+def verify(logits: torch.Tensor, drafts: torch.Tensor, active: torch.Tensor,
+           sampling: SamplingConfig, generator: torch.Generator | None):
+    """Accept/reject K drafts per row from the target's logits after each fed token.
+
+    logits (B, K + 1, V): after the pending token and after each draft; drafts (B, K);
+    active (B,) bool: rows whose acceptance counts. -> (n, tokens (B, n + 1)): the kept draft
+    count common to the batch, and each row's tokens to emit (its first n drafts, then its
+    own token at position n).
+    """
+    B, K = drafts.shape
+    if sampling.is_greedy:
+        target = logits.argmax(-1)  # (B, K + 1)
+        accepted = target[:, :K] == drafts
+    else:
+        probs = probabilities(logits.reshape(B * (K + 1), -1), sampling).view(B, K + 1, -1)
+        p_draft = probs[:, :K].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, K)
+        u = torch.rand(B, K, generator=generator, device=logits.device)
+        accepted = u < p_draft
+    run = accepted.long().cumprod(dim=1).sum(dim=1)  # leading accepts per row
+    n = int(run[active].min()) if bool(active.any()) else K
+    if sampling.is_greedy:
+        last = target[:, n]
+    else:
+        last = _token_at(probs[:, n], drafts[:, n] if n < K else None, run > n, generator)
+    return n, torch.cat([drafts[:, :n], last.unsqueeze(1)], dim=1)
+
+
+def _token_at(probs: torch.Tensor, draft: torch.Tensor | None, kept: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Position n's token: the draft where the row accepted it; else a draw from p without
+    the rejected draft (renormalised), or from p itself past the last draft."""
+    if draft is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, draft.unsqueeze(-1), 1.0)
+    residual = probs * (1 - one_hot)
+    # A row that kept its draft may have had p(draft) = 1 (nothing left): draw its draft.
+    residual = torch.where(kept.unsqueeze(-1) | (residual.sum(-1, keepdim=True) <= 0), one_hot, residual)
+    drawn = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    return torch.where(kept, draft, drawn)

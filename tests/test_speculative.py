@@ -1,0 +1,130 @@
+"""Speculative decoding in the one loop: greedy output identical to plain greedy on every
+backend (a trained model, ragged batch, across a rebase), and sampling that keeps the
+target's distribution exactly (a statistical test on a 4-token vocabulary)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from slm_export.checkpoint import load_model
+from slm_export.config import GPTConfig
+from slm_export.model import GPT
+from slm_export.runtime import GREEDY, SamplingConfig, backend_for_model, generate, load_backend
+from slm_export.runtime.speculative import ModelDrafter, NgramDrafter
+from slm_export.tokenizer import encode
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["Once upon a time, there was a little girl named Mia. Mia loved to",
+           "Tom had a red ball.", "One day,"]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_ckpt, tmp_path_factory):
+    from slm_export.export import build
+
+    model, _ = load_model(trained_ckpt)
+    folder = tmp_path_factory.mktemp("spec") / "export"
+    build(trained_ckpt, folder, verify=False)
+    return model, folder
+
+
+def _backend(name, model, folder):
+    if name in ("torchscript", "ort"):
+        return load_backend(name, folder)
+    return backend_for_model(name, model)
+
+
+@pytest.mark.parametrize("name", ["eager", "naive", "torchscript", "ort", "compiled"])
+def test_greedy_speculation_is_plain_greedy(name, trained, tiny_model):
+    model, folder = trained
+    backend = _backend(name, model, folder)
+    rows = [encode(p) for p in PROMPTS]
+    kw = dict(max_new_tokens=180, sampling=GREEDY, stop_id=None)
+    plain = generate(backend, rows, **kw)
+    assert len({tuple(r[:40]) for r in plain.tokens}) == 3 and len(set(plain.tokens[0])) > 20
+    ngram = generate(backend, rows, drafter=NgramDrafter(), draft_tokens=4, **kw)
+    assert ngram.tokens == plain.tokens and ngram.stats.prefills == plain.stats.prefills > 1
+    assert ngram.stats.accepted > 0 and ngram.stats.verify_steps < plain.stats.decodes
+    # An unrelated random draft model: nearly every draft is rejected and rewound.
+    draft = ModelDrafter(backend_for_model("eager", tiny_model))
+    bad = generate(backend, rows, drafter=draft, draft_tokens=3, **kw)
+    assert bad.tokens == plain.tokens and bad.stats.acceptance < 0.2
+    alone = generate(backend, rows[:1], drafter=NgramDrafter(), draft_tokens=4, **kw)
+    assert alone.tokens[0] == generate(backend, rows[:1], **kw).tokens[0]
+
+
+def test_a_draft_model_that_agrees_is_accepted(trained):
+    model, folder = trained
+    rows = [encode(p) for p in PROMPTS]
+    kw = dict(max_new_tokens=100, sampling=GREEDY, stop_id=None)
+    target = load_backend("ort", folder)
+    out = generate(target, rows, drafter=ModelDrafter(backend_for_model("eager", model)),
+                   draft_tokens=4, **kw)
+    assert out.tokens == generate(target, rows, **kw).tokens
+    assert out.stats.acceptance > 0.9  # the same weights draft: only rounding may differ
+
+
+# -- sampling keeps the distribution ------------------------------------------------------------
+
+VOCAB = 4
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=1, n_embd=8,
+                          dropout=0.0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)  # a peaked, position-dependent distribution
+    return model
+
+
+def exact_joint(model, prompt, n=3):
+    """p(x1..xn | prompt) for every sequence, from the full forward."""
+    probs = {}
+    for seq in itertools.product(range(VOCAB), repeat=n):
+        ids = torch.tensor([prompt + list(seq)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids, ids)[0][0].double(), -1)
+        probs[seq] = math.exp(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq)))
+    return probs
+
+
+class FixedDrafter:
+    """Always proposes the same tokens: mostly wrong, so rejections and resampling run."""
+
+    def propose(self, history, k):
+        return [[0, 1, 2, 3][:k] for _ in history]
+
+    def commit(self, accepted):
+        pass
+
+
+def chi_square(samples, probs):
+    counts = dict.fromkeys(probs, 0)
+    for s in samples:
+        counts[s] += 1
+    cells = [(counts[k], probs[k] * len(samples)) for k in probs if probs[k] * len(samples) >= 5]
+    return sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
+
+
+@pytest.mark.parametrize("drafter", ["none", "fixed", "self"])
+def test_speculative_sampling_keeps_the_distribution(drafter, small):
+    prompt, rows, runs = [1, 2], 8, 500
+    backend = backend_for_model("eager", small)
+    make = {"none": lambda: None, "fixed": FixedDrafter,
+            "self": lambda: ModelDrafter(backend_for_model("eager", small))}[drafter]
+    cfg = SamplingConfig(temperature=1.0, top_k=None)
+    gen = torch.Generator().manual_seed(11)
+    samples = []
+    for _ in range(runs):
+        out = generate(backend, [prompt] * rows, max_new_tokens=3, sampling=cfg, generator=gen,
+                       stop_id=None, drafter=make(), draft_tokens=2)
+        samples += [tuple(t) for t in out.tokens]
+    chi2, df = chi_square(samples, exact_joint(small, prompt))
+    assert df >= 10  # enough populated cells for the test to mean something
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)  # mean + 5 sd of chi-square(df)
