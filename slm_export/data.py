@@ -27,6 +27,7 @@ import torch
 
 from slm_export import tokenizer
 from slm_export.artifacts.files import atomic_write, sha256_file
+from slm_export.config import TrainConfig
 from slm_export.errors import SlmError, first_line
 
 FORMAT = "slm-export-data"
@@ -35,20 +36,19 @@ READABLE_VERSIONS = (1, 2)
 SPLIT_METHOD = "numpy.random.default_rng(seed).choice(n_docs, n_val, replace=False)"
 DTYPE = np.uint16  # GPT-2 ids < 65536
 SPLITS = ("train", "val")
-DEFAULT_HUB_DATASET = "roneneldan/TinyStories"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VAL_NAMES = ("validation", "val", "valid", "test")
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where text comes from, and how to read a document out of a row."""
+    """Where text comes from, and how to read a document out of a row (defaults: TrainConfig's)."""
 
-    dataset: str = "stories"
-    text_field: str = "text"  # a column name, or a template such as "{Context}\n{Response}"
-    val_fraction: float = 0.005  # held out when the source has no validation split
-    stories: int = 10_000  # size of the embedded corpus (number of stories)
-    seed: int = 42
+    dataset: str = TrainConfig.dataset
+    text_field: str = TrainConfig.text_field  # a column, or a template "{Context}\n{Response}"
+    val_fraction: float = TrainConfig.val_fraction  # held out when the source has no val split
+    stories: int = TrainConfig.stories  # size of the embedded corpus (number of stories)
+    seed: int = 42  # of the embedded corpus and the held-out split: the same documents every run
 
     @property
     def name(self) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from slm_export import checkpoint, optim, tokenizer
+from slm_export.config import TrainConfig
 from slm_export.errors import SlmError
 
 SAMPLE_PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play"
@@ -64,13 +66,11 @@ def plot_losses(metrics: list[dict], out: Path) -> Path:
 
 
 def plot_lr(train_config: dict, out: Path) -> Path:
-    from slm_export.training import TrainConfig
-
     cfg = TrainConfig.from_dict(train_config)
     steps = list(range(cfg.max_iters))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [cfg.lr_at(s) for s in steps])
+    ax.plot(steps, [optim.lr_at(s, **cfg.schedule) for s in steps])
     ax.axhline(cfg.min_lr, color="gray", ls="--", lw=0.8, label=f"min_lr {cfg.min_lr:g}")
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"warmup {cfg.warmup_iters}, cosine to step {cfg.decay_iters}")
@@ -125,8 +125,6 @@ def attention_weights(model, idx: torch.Tensor, layer: int, head: int) -> torch.
 
 def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | None = None,
                    head: int = 0) -> Path:
-    from slm_export import tokenizer
-
     layer = model.config.n_layer - 1 if layer is None else layer
     ids = tokenizer.encode(prompt)[: model.config.block_size]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
@@ -144,8 +142,6 @@ def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | N
 
 def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0) -> list[Path]:
     """Draw every plot for a run folder (metrics.jsonl + best.pt or ckpt.pt) -> the PNG paths."""
-    from slm_export import checkpoint
-
     run_dir = Path(run_dir)
     ckpt_path = next((p for p in (run_dir / "best.pt", run_dir / "ckpt.pt") if p.is_file()), None)
     if ckpt_path is None:

@@ -11,9 +11,8 @@ import torch
 
 from slm_export import checkpoint, plots
 from slm_export.cli.train import main
-from slm_export.config import GPTConfig
+from slm_export.config import GPTConfig, TrainConfig
 from slm_export.model import GPT
-from slm_export.training import TrainConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

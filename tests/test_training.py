@@ -3,6 +3,7 @@ DDP on CPU, Ctrl-C and error paths, mostly through the `train.py` command line."
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,10 +18,18 @@ import torch
 
 from slm_export import checkpoint, optim
 from slm_export.cli.train import main
-from slm_export.config import GPTConfig
+from slm_export.config import RECIPE_FIELDS, GPTConfig, TrainConfig, recipe
 from slm_export.data import Source, prepare
+from slm_export.devices import resolve_device
+from slm_export.errors import SlmError
 from slm_export.model import GPT
-from slm_export.training import forward_backward, select_precision
+from slm_export.training import (
+    agreed_checksum,
+    forward_backward,
+    param_checksum,
+    select_precision,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -98,10 +107,57 @@ def test_select_precision(device, requested, bf16, dtype, scaler):
 
 @pytest.mark.parametrize("device,requested,bf16", [("cpu", "fp16", False), ("cuda", "bf16", False)])
 def test_select_precision_refuses_what_cannot_work(device, requested, bf16):
-    from slm_export.errors import SlmError
-
     with pytest.raises(SlmError):
         select_precision(device, requested, bf16)
+
+
+def test_device_names_are_checked_in_one_place():
+    from slm_export.cli.common import device
+
+    assert [device(n) for n in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU", "cuda1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            device(bad)
+        with pytest.raises(SlmError, match="unknown device"):
+            resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_train_config_from_dict_is_strict():
+    cfg = TrainConfig(max_iters=7, dataset="x.jsonl")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SlmError, match=r"unknown fields: \['bogus'\]"):
+        TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_defaults_live_in_one_place():
+    """Source's defaults are TrainConfig's; the 30m recipe is TrainConfig's defaults."""
+    assert (Source.text_field, Source.stories, Source.val_fraction) == \
+        (TrainConfig.text_field, TrainConfig.stories, TrainConfig.val_fraction)
+    assert recipe("30m") == {k: getattr(TrainConfig(), k) for k in RECIPE_FIELDS}
+    assert recipe("tiny")["max_iters"] == 300 and recipe("tiny")["lr"] == 2e-3
+
+
+def test_library_reports_through_its_reporter_and_never_prints(data_root, tmp_path, capsys):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):  # start, progress, log, warn, stop
+            return lambda *args: self.calls.append((name, *args))
+
+    cfg = TrainConfig(stories=300, data_root=str(data_root), out_dir=str(tmp_path / "run"),
+                      max_iters=3, batch_size=2, eval_interval=2, eval_iters=1, warmup_iters=1,
+                      device="cpu", plots=False)
+    recorder = Recorder()
+    result = train(cfg, GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32), reporter=recorder)
+    assert capsys.readouterr() == ("", "")
+    names = [c[0] for c in recorder.calls]
+    assert names[0] == "start" and recorder.calls[0][1:] == (3, 0) and names[-1] == "stop"
+    assert [c[1] for c in recorder.calls if c[0] == "progress"] == [1, 2, 3]
+    logs = [c[1] for c in recorder.calls if c[0] == "log"]
+    assert len(logs) == 3 and logs[0].startswith("step      0 | train ") and "warn" not in names
+    assert [m["step"] for m in result.metrics] == [0, 2, 3]
 
 
 def test_accumulation_equals_one_big_batch():
@@ -186,21 +242,29 @@ def test_compile_keeps_checkpoint_keys_clean(data_root, tmp_path):
 
 
 def test_ddp_two_processes_on_cpu_stay_in_sync(data_root, tmp_path):
-    sums = tmp_path / "sums"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29517", str(ROOT / "train.py"),
            *small(data_root, tmp_path / "ddp", "--max-iters", "4", "--grad-accum", "2",
-                  "--eval-interval", "2", "--device", "cpu", "--param-checksum-dir", str(sums))]
+                  "--eval-interval", "2", "--device", "cpu")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    ranks = [json.loads((sums / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert [x["world_size"] for x in ranks] == [2, 2] and [x["step"] for x in ranks] == [4, 4]
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # same weights after every step
-    assert ranks[0]["last_loss"] != ranks[1]["last_loss"]  # ...trained on different batches
+    records = metrics(tmp_path / "ddp")
+    assert [m["step"] for m in records] == [0, 2, 4]  # rank 0 alone writes
+    # at every checkpoint rank 0 checked that both ranks hold the same weights...
     ckpt = checkpoint.load(tmp_path / "ddp" / "ckpt.pt")
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    assert records[-1]["param_sha256"] == param_checksum(model)  # ...the weights in ckpt.pt
+    assert len({m["param_sha256"] for m in records}) == 3  # which changed at every step
+    # ...trained on different batches: each rank drew from its own data generator
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])
-    assert [m["step"] for m in metrics(tmp_path / "ddp")] == [0, 2, 4]  # rank 0 alone writes
+
+
+def test_diverged_ranks_fail_loudly():
+    assert agreed_checksum(["ab" * 32] * 3, step=7) == "ab" * 32
+    with pytest.raises(SlmError, match="ranks diverged by step 7.*rank 1: cdcdcdcdcdcd"):
+        agreed_checksum(["ab" * 32, "cd" * 32], step=7)
 
 
 def test_ctrl_c_saves_checkpoint_and_exits_130(data_root, tmp_path):
@@ -226,6 +290,8 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(data_root, tmp_path):
     (["--lr", "-1"], "--lr"),
     (["--max-iters", "-1"], "--max-iters"),
     (["--lr", "1e-4", "--min-lr", "1e-3"], "min-lr"),
+    (["--device", "gpu"], "--device"),
+    (["--val-fraction", "1"], "--val-fraction"),
 ])
 def test_bad_flags_are_one_line_exit_2_in_process(data_root, tmp_path, capsys, args, needle):
     try:  # argparse exits through SystemExit(2); SlmError comes back as the return code 2
