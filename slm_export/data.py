@@ -93,20 +93,27 @@ class TokenData:
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
               generator: torch.Generator, device: torch.device | str = "cpu"):
-    """Random windows (x, y), y shifted by one, read from the memmap (never loaded whole)."""
+    """Random windows (x, y), y shifted by one, read from the memmap (never loaded whole).
+
+    The windows are read straight into one contiguous (batch, block + 1) buffer; x and y are
+    views of it. On CUDA that buffer is pinned (page-locked) host memory, so the copy to the
+    GPU is a real asynchronous DMA (``non_blocking``): from pageable memory it would go
+    through a staging copy and wait.
+    """
     n = len(tokens) - block_size - 1
     if n < 0:
         raise SlmError(f"split has {len(tokens)} tokens, fewer than block_size + 1 "
                        f"({block_size + 1}); use more text or a smaller context")
     ix = torch.randint(n + 1, (batch_size,), generator=generator).tolist()
-    window = np.stack([tokens[i : i + block_size + 1] for i in ix]).astype(np.int64)
-    batch = torch.from_numpy(window)
-    x, y = batch[:, :-1], batch[:, 1:]
     device = torch.device(device)
-    if device.type == "cuda":
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.contiguous(), y.contiguous()
+    cuda = device.type == "cuda"  # CUDA-only: pinned memory needs a CUDA device
+    batch = torch.empty((batch_size, block_size + 1), dtype=torch.int64, pin_memory=cuda)
+    rows = batch.numpy()
+    for row, i in enumerate(ix):
+        rows[row] = tokens[i : i + block_size + 1]
+    if cuda:
+        batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
 
 
 def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",

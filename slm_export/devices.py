@@ -39,5 +39,14 @@ def bf16_support(device: torch.device) -> str:
         return "none"
     if torch.version.hip or torch.cuda.get_device_capability(device) >= (8, 0):
         return "native"
-    with torch.cuda.device(device):
-        return "emulated" if torch.cuda.is_bf16_supported() else "none"
+    return "emulated" if _bf16_runs_on(device) else "none"
+
+
+def _bf16_runs_on(device: torch.device) -> bool:
+    """The emulation probe of ``torch.cuda.is_bf16_supported()``, for this device (that
+    function asks about the current device)."""
+    try:
+        torch.ones(1, dtype=torch.bfloat16, device=device)
+        return True
+    except Exception:  # CUDA raises RuntimeError or AcceleratorError, depending on the version
+        return False

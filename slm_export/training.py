@@ -15,6 +15,7 @@ passes in (``cli/train.py`` draws them with rich).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -30,12 +31,14 @@ import torch
 from slm_export import checkpoint, optim, plots
 from slm_export.config import GPTConfig, TrainConfig
 from slm_export.data import Source, TokenData, get_batch, prepare
-from slm_export.devices import resolve_device
+from slm_export.devices import bf16_support, resolve_device
 from slm_export.errors import SlmError, first_line
+from slm_export.loss import NextTokenLoss, hidden_states, loss_and_correct
 from slm_export.model import GPT
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own generator: seed + this
-TPS_WINDOW_S = 2.0  # tokens/s is measured over windows of at least this many seconds
+STATUS_INTERVAL_S = 2.0  # the shown loss and tokens/s are means over windows this long
+DATA_WAIT = datetime.timedelta(hours=2)  # DDP: how long ranks > 0 wait for rank 0 to tokenize
 
 
 class Reporter(Protocol):
@@ -89,22 +92,24 @@ class Precision:
         return torch.autocast(device_type=device_type, dtype=self.dtype)
 
 
-def select_precision(device_type: str, requested: str = "auto",
-                     bf16_supported: bool = False) -> Precision:
-    """auto: bf16 autocast on a GPU that supports it, else fp16 + GradScaler; fp32 on CPU.
+def select_precision(device_type: str, requested: str = "auto", bf16: str = "none") -> Precision:
+    """auto: bf16 autocast on a GPU with native bf16, else fp16 + GradScaler; fp32 on CPU.
 
-    An explicit request wins where it can work: bf16 on CPU is allowed (autocast supports it),
-    fp16 needs CUDA, bf16 on a GPU without bf16 is refused.
+    ``bf16`` is ``devices.bf16_support`` of the device: "native", "emulated" (pre-Ampere GPUs
+    such as RTX 20xx / GTX 16xx run bf16 only emulated, slower than fp16, so auto picks fp16
+    there) or "none". An explicit request wins where it can work: bf16 on CPU (autocast
+    supports it) or on a GPU that emulates it; fp16 needs CUDA; bf16 on a GPU without any
+    bf16 is refused.
     """
     cuda = device_type == "cuda"
     if requested == "auto":
         if not cuda:
             return Precision(torch.float32, False)
-        requested = "bf16" if bf16_supported else "fp16"
+        requested = "bf16" if bf16 == "native" else "fp16"
     if requested == "fp32":
         return Precision(torch.float32, False)
     if requested == "bf16":
-        if cuda and not bf16_supported:
+        if cuda and bf16 == "none":
             raise SlmError("--dtype bf16: this GPU does not support bfloat16; use fp16 or fp32")
         return Precision(torch.bfloat16, False)
     if requested == "fp16":
@@ -147,31 +152,47 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
-def _barrier(d: Dist) -> None:
-    if d.enabled:
-        torch.distributed.barrier()
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """On CUDA, let fp32 matmuls use TF32 tensor cores while training: "high" precision rounds
+    their inputs to a 10-bit mantissa and accumulates in fp32, several times faster on Ampere
+    and later GPUs at a precision training does not notice (it changes nothing on older GPUs,
+    on the CPU, or for bf16 / fp16 autocast matmuls). The setting is global to the process, so
+    it is restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # -- the pieces of a step --------------------------------------------------------------------
 
-def forward_backward(model, micro_batches, precision: Precision, device_type: str,
-                     scaler: torch.amp.GradScaler | None = None, ddp: bool = False) -> float:
-    """Accumulate gradients over K micro-batches; returns the mean loss.
+def forward_backward(model: torch.nn.Module, micro_batches, precision: Precision,
+                     device_type: str, scaler: torch.amp.GradScaler | None = None,
+                     ddp: bool = False) -> torch.Tensor:
+    """Accumulate gradients over K micro-batches of a ``NextTokenLoss`` (maybe wrapped by
+    torch.compile / DDP); -> the mean loss, a detached 0-dim fp32 tensor on the device (reading
+    it waits for the GPU, so the caller reads it only when it shows it).
 
     Each loss is divided by K, so K micro-batches of B equal one batch of K*B. Under DDP the
     gradient all-reduce runs on the last micro-batch only (``no_sync`` on the others).
     """
     k = len(micro_batches)
-    total = 0.0
+    total = None
     for i, (x, y) in enumerate(micro_batches):
+        # GradScaler's scale as a device tensor (get_scale() would wait for the GPU)
+        grad_scale = scaler.scale(torch.ones((), device=x.device)) if scaler is not None else None
         sync = not ddp or i == k - 1
-        ctx = contextlib.nullcontext() if sync else model.no_sync()
-        with ctx:
+        with contextlib.nullcontext() if sync else model.no_sync():
             with precision.autocast(device_type):
-                _, loss = model(x, y)
-                loss = loss / k
+                loss = model(x, y, grad_scale) / k
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach().float().item()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
     return total
 
 
@@ -189,18 +210,19 @@ def evaluate(model: GPT, data: TokenData, *, batch_size: int, eval_iters: int, s
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
-        losses, correct, count = [], 0, 0
+        loss, correct = 0.0, 0  # become device tensors: read once per split
         for _ in range(eval_iters):
             x, y = get_batch(data.tokens(split), batch_size, block, gen, device)
             with precision.autocast(device.type):
-                logits, loss = model(x, y)
-            losses.append(loss.float().item())
-            correct += (logits.argmax(-1) == y).sum().item()
-            count += y.numel()
-        mean = sum(losses) / len(losses)
+                h = hidden_states(model, x).flatten(0, 1)
+                batch_loss, batch_correct = loss_and_correct(h, model.lm_head.weight,
+                                                             y.reshape(-1))
+            loss, correct = loss + batch_loss, correct + batch_correct
+        count = eval_iters * batch_size * block
+        mean = float(loss) / count
         out[f"{split}_loss"] = mean
         out[f"{split}_ppl"] = math.exp(min(mean, 700.0))
-        out[f"{split}_acc"] = correct / count
+        out[f"{split}_acc"] = int(correct) / count
     model.train(was_training)
     return out
 
@@ -293,15 +315,11 @@ def _load_start(cfg: TrainConfig, model_config: GPTConfig, resume: dict | None):
 
 
 def _prepare_data(cfg: TrainConfig, d: Dist, resume: dict | None) -> TokenData:
-    """Tokenize once on rank 0 (the others wait, then open the cached folder), and check that a
-    resumed run continues on the data it was trained on."""
+    """Tokenize the data once, and check that a resumed run continues on the data it was
+    trained on."""
     source = Source(dataset=cfg.dataset, text_field=cfg.text_field, stories=cfg.stories,
                     val_fraction=cfg.val_fraction)
-    if d.master:
-        data = prepare(source, cfg.data_root)
-    _barrier(d)
-    if not d.master:
-        data = prepare(source, cfg.data_root)  # now a cached, validated folder
+    data = _prepare_on_rank0(source, cfg.data_root) if d.enabled else prepare(source, cfg.data_root)
     old = (resume or {}).get("data_meta", {}).get("splits", {})
     if old and old != data.meta["splits"]:
         raise SlmError(f"--resume: the data differs from the data {Path(cfg.out_dir) / 'ckpt.pt'} "
@@ -309,15 +327,64 @@ def _prepare_data(cfg: TrainConfig, d: Dist, resume: dict | None) -> TokenData:
     return data
 
 
-def _rng_state(data_gen: torch.Generator, device: torch.device) -> dict:
-    state = {"data": data_gen.get_state(), "torch": torch.get_rng_state()}
+def _prepare_on_rank0(source: Source, data_root: str) -> TokenData:
+    """Under DDP rank 0 tokenizes while the others wait, then they open the cached folder.
+    Tokenizing TinyStories on a laptop can outlast nccl's default 10-minute collective
+    timeout, so the wait is a barrier on a gloo group of its own with a DATA_WAIT timeout."""
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=DATA_WAIT)
+    try:
+        data = prepare(source, data_root) if dist.get_rank() == 0 else None
+        dist.barrier(group=group)
+        if data is None:
+            data = prepare(source, data_root)  # ranks > 0: now a cached, validated folder
+        return data
+    finally:
+        dist.destroy_process_group(group)
+
+
+class Batches:
+    """The training batches in order: each step's ``micro`` micro-batches of random windows,
+    drawn from ``generator``. ``prefetch`` draws the next step's early (on CUDA their copy to
+    the GPU then overlaps the step that is running); ``state`` is the generator state that
+    replays the first batch not yet taken, so a checkpoint never skips a prefetched one."""
+
+    def __init__(self, tokens, batch_size: int, block_size: int, micro: int,
+                 generator: torch.Generator, device: torch.device):
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.micro, self.generator, self.device = micro, generator, device
+        self._next: tuple[torch.Tensor, list] | None = None  # (state before drawing, batches)
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            state = self.generator.get_state()
+            self._next = (state, [get_batch(self.tokens, self.batch_size, self.block_size,
+                                            self.generator, self.device)
+                                  for _ in range(self.micro)])
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.prefetch()
+        batches, self._next = self._next[1], None
+        return batches
+
+    def state(self) -> torch.Tensor:
+        return self._next[0] if self._next is not None else self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+        self._next = None
+
+
+def _rng_state(batches: Batches, device: torch.device) -> dict:
+    state = {"data": batches.state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, data_gen: torch.Generator, device: torch.device) -> None:
-    data_gen.set_state(state["data"])
+def _set_rng_state(state: dict, batches: Batches, device: torch.device) -> None:
+    batches.set_state(state["data"])
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -370,10 +437,11 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.model_config, resume, init_weights = _load_start(cfg, model_config, resume)
         self.data = _prepare_data(cfg, dist, resume)
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.precision = select_precision(device.type, cfg.dtype, bf16_ok)
+        self.precision = select_precision(device.type, cfg.dtype, bf16_support(device))
         torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ per rank, as the data does
-        self.data_gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+        self.batches = Batches(self.data.tokens("train"), cfg.batch_size,
+                               self.model_config.block_size, cfg.grad_accum,
+                               torch.Generator().manual_seed(cfg.seed + dist.rank), device)
         self.raw_model = self._build_model(init_weights)
         self.optimizer = optim.make_optimizer(self.raw_model, lr=cfg.lr,
                                               weight_decay=cfg.weight_decay,
@@ -391,9 +459,9 @@ class Trainer:
                 self.metrics_path.unlink(missing_ok=True)
         self.tokens_per_step = (cfg.batch_size * cfg.grad_accum * self.model_config.block_size
                                 * dist.world_size)
-        self.tokens_per_s, self.last_loss = 0.0, float("nan")
-        self._t_start = self._window_t = time.perf_counter()
-        self._window_steps = 0
+        self.tokens_per_s, self.status, self._stop_vote = 0.0, "", None
+        self._t_start = time.perf_counter()
+        self._restart_window()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -416,13 +484,15 @@ class Trainer:
         self.best_val = float(ckpt["best_val_loss"])
         states = ckpt["rng"]
         if len(states) == self.dist.world_size:
-            _set_rng_state(states[self.dist.rank], self.data_gen, self.device)
+            _set_rng_state(states[self.dist.rank], self.batches, self.device)
         else:
             self.report.warn(f"checkpoint from {len(states)} process(es), resuming with "
                              f"{self.dist.world_size}: data order restarts from the seed")
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """torch.compile and DDP wrappers; checkpoints always save the raw model's names."""
+    def _wrap(self, gpt: GPT) -> torch.nn.Module:
+        """What the step differentiates: the chunked loss of ``gpt``, through torch.compile and
+        DDP when asked; checkpoints always save the raw GPT's names."""
+        model = NextTokenLoss(gpt)
         if self.cfg.compile:
             model = torch.compile(model)
         if self.dist.enabled:
@@ -439,13 +509,13 @@ class Trainer:
         self.model.train()
         self.report.start(cfg.max_iters, self.step)
         try:
-            with _StopFlag() as stop:
+            with _StopFlag() as stop, tf32_matmuls(self.device):
                 if not self.resumed:  # a resumed run has evaluated its start already
                     self.evaluate_and_checkpoint(self.lr_at(0))
                 self._restart_window()
                 while self.step < cfg.max_iters:
-                    lr = self.train_step()
-                    self._show_progress(lr)
+                    lr, loss = self.train_step()
+                    self._show_progress(lr, loss)
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                         self.evaluate_and_checkpoint(lr)
                         self._restart_window()  # tokens/s excludes evaluation
@@ -459,15 +529,16 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return optim.lr_at(step, **self.cfg.schedule)
 
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; -> its learning rate."""
+    def train_step(self) -> tuple[float, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; -> (its learning rate, its mean
+        loss as a device tensor)."""
         cfg, lr = self.cfg, self.lr_at(self.step)
         optim.set_lr(self.optimizer, lr)
-        micro = [get_batch(self.data.tokens("train"), cfg.batch_size, self.model_config.block_size,
-                           self.data_gen, self.device) for _ in range(cfg.grad_accum)]
-        self.last_loss = forward_backward(self.model, micro, self.precision, self.device.type,
-                                          self.scaler if self.precision.use_scaler else None,
-                                          ddp=self.dist.enabled)
+        loss = forward_backward(self.model, self.batches.take(), self.precision, self.device.type,
+                                self.scaler if self.precision.use_scaler else None,
+                                ddp=self.dist.enabled)
+        if self.step + 1 < cfg.max_iters:
+            self.batches.prefetch()  # read while the GPU works through the queued backward
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
@@ -475,27 +546,37 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return lr
+        return lr, loss
 
     def _restart_window(self) -> None:
-        self._window_t, self._window_steps = time.perf_counter(), 0
+        self._window_t, self._window_steps, self._window_loss = time.perf_counter(), 0, 0.0
 
-    def _show_progress(self, lr: float) -> None:
+    def _show_progress(self, lr: float, loss: torch.Tensor) -> None:
+        """Report the step; every STATUS_INTERVAL_S (and at the first and last step) refresh the
+        status: mean loss and tokens/s over the window. Reading the loss waits for the GPU, so
+        it happens only then."""
         self._window_steps += 1
+        self._window_loss = self._window_loss + loss  # stays on the device
         now = time.perf_counter()
-        if now - self._window_t >= TPS_WINDOW_S or self.step == self.cfg.max_iters:
+        if (now - self._window_t >= STATUS_INTERVAL_S or self.step == self.cfg.max_iters
+                or not self.status):
+            mean = float(self._window_loss) / self._window_steps  # waits for the GPU
+            now = time.perf_counter()
             self.tokens_per_s = self._window_steps * self.tokens_per_step / (now - self._window_t)
+            self.status = f"loss {mean:.4f} | lr {lr:.2e} | {self.tokens_per_s:,.0f} tok/s"
             self._restart_window()
-        self.report.progress(self.step, f"loss {self.last_loss:.4f} | lr {lr:.2e} | "
-                                        f"{self.tokens_per_s:,.0f} tok/s")
+        self.report.progress(self.step, self.status)
 
     def _stop_requested(self, stop: _StopFlag) -> bool:
         if not self.dist.enabled:
             return stop.requested
-        # stop together, or the others would wait forever in the next all-reduce
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag)
-        return flag.item() > 0
+        # Every rank must stop after the same step, or the others would wait forever in the next
+        # all-reduce. The votes are summed on the device and read one step later, when the GPU
+        # has long finished that all-reduce: reading at once would stall the GPU every step.
+        previous = self._stop_vote
+        self._stop_vote = torch.full((1,), float(stop.requested), device=self.device)
+        torch.distributed.all_reduce(self._stop_vote)
+        return previous is not None and bool(previous.item() > 0)
 
     def _interrupt(self):
         if self.step % self.cfg.eval_interval != 0:  # else this step's checkpoint is written
@@ -548,7 +629,7 @@ class Trainer:
     def save_checkpoint(self) -> str | None:
         """Write ckpt.pt (rank 0) with every rank's RNG state: a collective under DDP, where
         the ranks' parameter checksums must also agree. -> that checksum under DDP, else None."""
-        state = _rng_state(self.data_gen, self.device)
+        state = _rng_state(self.batches, self.device)
         checksum = None
         if self.dist.enabled:
             mine = {"rng": {k: v.cpu() for k, v in state.items()},
@@ -570,5 +651,11 @@ class Trainer:
         return checksum
 
     def finish(self) -> None:
-        if self.dist.master and self.cfg.plots:
-            plots.write_all(self.out_dir)
+        """Draw the plots (rank 0). They are a by-product: a failure is a warning, never a
+        failed run, since the checkpoints are written."""
+        if not (self.dist.master and self.cfg.plots):
+            return
+        try:
+            plots.write_all(self.out_dir, warn=self.report.warn)
+        except Exception as e:
+            self.report.warn(f"plots not drawn ({type(e).__name__}: {first_line(e, 120)})")

@@ -66,8 +66,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--eval-iters", type=positive_int, help="batches per split per evaluation")
     g = p.add_argument_group("runtime")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 on GPUs that support it, else fp16 with a GradScaler; "
-                        "fp32 on CPU (bf16 autocast on CPU on request)")
+                   help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else "
+                        "fp16 with a GradScaler; fp32 on CPU (bf16 autocast on CPU on request)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", type=device, help=f"auto, cpu, cuda or cuda:N (default {D.device})")
     _run_dir_flags(p.add_argument_group("run directory"))
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
     if args.plots_only is not None:
-        written = plots.write_all(args.plots_only)
+        written = plots.write_all(args.plots_only, warn=ConsoleReporter().warn)
         print("\n".join(str(p) for p in written))
         return 0
     cfg, model_config, saved = resolve(args)
