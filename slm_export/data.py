@@ -29,6 +29,7 @@ from slm_export import tokenizer
 from slm_export.artifacts.files import atomic_write, sha256_file
 from slm_export.config import TrainConfig
 from slm_export.errors import SlmError, first_line
+from slm_export.stories import stories
 
 FORMAT = "slm-export-data"
 VERSION = 2  # 2: the held-out split is drawn by SPLIT_METHOD (1: datasets' shuffle)
@@ -194,8 +195,6 @@ def _hold_out(ds, fraction: float, seed: int):
 
 
 def _story_rows(n: int, seed: int):
-    from slm_export.stories import stories
-
     for text in stories(n, seed=seed):
         yield {"text": text}
 
