@@ -27,7 +27,9 @@ import torch
 
 from slm_export import tokenizer
 from slm_export.artifacts.files import atomic_write, sha256_file
+from slm_export.config import TrainConfig
 from slm_export.errors import SlmError, first_line
+from slm_export.stories import stories
 
 FORMAT = "slm-export-data"
 VERSION = 2  # 2: the held-out split is drawn by SPLIT_METHOD (1: datasets' shuffle)
@@ -35,20 +37,19 @@ READABLE_VERSIONS = (1, 2)
 SPLIT_METHOD = "numpy.random.default_rng(seed).choice(n_docs, n_val, replace=False)"
 DTYPE = np.uint16  # GPT-2 ids < 65536
 SPLITS = ("train", "val")
-DEFAULT_HUB_DATASET = "roneneldan/TinyStories"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VAL_NAMES = ("validation", "val", "valid", "test")
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where text comes from, and how to read a document out of a row."""
+    """Where text comes from, and how to read a document out of a row (defaults: TrainConfig's)."""
 
-    dataset: str = "stories"
-    text_field: str = "text"  # a column name, or a template such as "{Context}\n{Response}"
-    val_fraction: float = 0.005  # held out when the source has no validation split
-    stories: int = 10_000  # size of the embedded corpus (number of stories)
-    seed: int = 42
+    dataset: str = TrainConfig.dataset
+    text_field: str = TrainConfig.text_field  # a column, or a template "{Context}\n{Response}"
+    val_fraction: float = TrainConfig.val_fraction  # held out when the source has no val split
+    stories: int = TrainConfig.stories  # size of the embedded corpus (number of stories)
+    seed: int = 42  # of the embedded corpus and the held-out split: the same documents every run
 
     @property
     def name(self) -> str:
@@ -93,20 +94,27 @@ class TokenData:
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
               generator: torch.Generator, device: torch.device | str = "cpu"):
-    """Random windows (x, y), y shifted by one, read from the memmap (never loaded whole)."""
+    """Random windows (x, y), y shifted by one, read from the memmap (never loaded whole).
+
+    The windows are read straight into one contiguous (batch, block + 1) buffer; x and y are
+    views of it. On CUDA that buffer is pinned (page-locked) host memory, so the copy to the
+    GPU is a real asynchronous DMA (``non_blocking``): from pageable memory it would go
+    through a staging copy and wait.
+    """
     n = len(tokens) - block_size - 1
     if n < 0:
         raise SlmError(f"split has {len(tokens)} tokens, fewer than block_size + 1 "
                        f"({block_size + 1}); use more text or a smaller context")
     ix = torch.randint(n + 1, (batch_size,), generator=generator).tolist()
-    window = np.stack([tokens[i : i + block_size + 1] for i in ix]).astype(np.int64)
-    batch = torch.from_numpy(window)
-    x, y = batch[:, :-1], batch[:, 1:]
     device = torch.device(device)
-    if device.type == "cuda":
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.contiguous(), y.contiguous()
+    cuda = device.type == "cuda"  # CUDA-only: pinned memory needs a CUDA device
+    batch = torch.empty((batch_size, block_size + 1), dtype=torch.int64, pin_memory=cuda)
+    rows = batch.numpy()
+    for row, i in enumerate(ix):
+        rows[row] = tokens[i : i + block_size + 1]
+    if cuda:
+        batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
 
 
 def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
@@ -187,8 +195,6 @@ def _hold_out(ds, fraction: float, seed: int):
 
 
 def _story_rows(n: int, seed: int):
-    from slm_export.stories import stories
-
     for text in stories(n, seed=seed):
         yield {"text": text}
 

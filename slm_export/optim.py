@@ -10,11 +10,10 @@ import math
 
 import torch
 
-# AdamW's epsilon. Some TinyStories recipes use 1e-9; we keep PyTorch's 1e-8. eps bounds the
-# update size m / (sqrt(v) + eps) for parameters whose gradients are (nearly) zero: with fp16 /
-# bf16 autocast many small gradients underflow to exactly 0 on some steps, sqrt(v) decays toward
-# 0 and a smaller eps lets a stale momentum m produce a large step. 1e-8 is well below the
-# typical sqrt(v) of a trained 30M model, so it changes nothing else.
+# AdamW's epsilon: PyTorch's default, which nanoGPT and llama2.c use too (neither sets eps).
+# eps bounds the update m / (sqrt(v) + eps) of parameters whose gradients are (nearly) zero: with
+# fp16 / bf16 autocast many small gradients underflow to exactly 0 on some steps, sqrt(v) decays
+# toward 0 and a smaller eps would let a stale momentum m make a large step.
 ADAM_EPS = 1e-8
 ADAM_BETAS = (0.9, 0.95)
 

@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from slm_export.errors import SlmError
+from slm_export import checkpoint, optim, tokenizer
+from slm_export.config import TrainConfig
+from slm_export.errors import SlmError, first_line
 
+HIST_SAMPLE = 1_000_000  # values drawn per weight histogram
 SAMPLE_PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play"
 
 
@@ -64,13 +69,11 @@ def plot_losses(metrics: list[dict], out: Path) -> Path:
 
 
 def plot_lr(train_config: dict, out: Path) -> Path:
-    from slm_export.training import TrainConfig
-
     cfg = TrainConfig.from_dict(train_config)
     steps = list(range(cfg.max_iters))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [cfg.lr_at(s) for s in steps])
+    ax.plot(steps, [optim.lr_at(s, **cfg.schedule) for s in steps])
     ax.axhline(cfg.min_lr, color="gray", ls="--", lw=0.8, label=f"min_lr {cfg.min_lr:g}")
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"warmup {cfg.warmup_iters}, cosine to step {cfg.decay_iters}")
@@ -90,14 +93,32 @@ def plot_weights(state_dict: dict, out: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), dpi=110)
     for ax, (title, keys) in zip(axes.flat, groups.items(), strict=True):
-        if keys:
-            values = torch.cat([state_dict[k].float().flatten() for k in keys]).numpy()
-            ax.hist(values, bins=80, color="tab:blue", alpha=0.8)
-            ax.set_title(f"{title}\nmean {values.mean():.3g}, std {values.std():.3g}", fontsize=9)
-        else:
-            ax.set_title(f"{title}: none", fontsize=9)
+        tensors = [state_dict[k] for k in keys]
+        ax.set_title(_histogram(ax, tensors, title) if tensors else f"{title}: none", fontsize=9)
         ax.grid(alpha=0.3)
     return _save(plt, fig, out)
+
+
+def _histogram(ax, tensors: list[torch.Tensor], title: str) -> str:
+    """Histogram of the finite values of ``tensors`` on ``ax`` -> the panel's title.
+
+    Any tensor works: values go to float64, so a range as narrow as LayerNorm gains after two
+    tiny steps (1 +- 1e-7) still has 80 distinct bin edges (in float32 numpy refuses: "Too
+    many bins for data range"); a range too narrow even for that, or a constant, gets one bar;
+    NaN / inf are left out and counted in the title. Beyond HIST_SAMPLE values the histogram
+    and its mean / std use an evenly strided sample (the 30m embedding alone has 19M).
+    """
+    flat = torch.cat([t.detach().flatten().cpu() for t in tensors])
+    non_finite = int((~torch.isfinite(flat)).sum())
+    stride = max(1, flat.numel() // HIST_SAMPLE)
+    values = flat[::stride].double().numpy()
+    finite = values[np.isfinite(values)]
+    note = f", {non_finite} non-finite left out" if non_finite else ""
+    if finite.size == 0:
+        return f"{title}\nno finite values ({non_finite} NaN / inf)"
+    edges = np.linspace(finite.min(), finite.max(), 81)
+    ax.hist(finite, bins=edges if np.all(np.diff(edges) > 0) else 1, color="tab:blue", alpha=0.8)
+    return f"{title}\nmean {finite.mean():.3g}, std {finite.std():.3g}{note}"
 
 
 @torch.no_grad()
@@ -125,8 +146,6 @@ def attention_weights(model, idx: torch.Tensor, layer: int, head: int) -> torch.
 
 def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | None = None,
                    head: int = 0) -> Path:
-    from slm_export import tokenizer
-
     layer = model.config.n_layer - 1 if layer is None else layer
     ids = tokenizer.encode(prompt)[: model.config.block_size]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
@@ -142,10 +161,13 @@ def plot_attention(model, out: Path, prompt: str = SAMPLE_PROMPT, layer: int | N
     return _save(plt, fig, out)
 
 
-def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0) -> list[Path]:
-    """Draw every plot for a run folder (metrics.jsonl + best.pt or ckpt.pt) -> the PNG paths."""
-    from slm_export import checkpoint
+def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 0,
+              warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Draw every plot for a run folder (metrics.jsonl + best.pt or ckpt.pt) -> the PNG paths.
 
+    A run folder without a loadable checkpoint is an SlmError. A plot that fails to draw is
+    skipped and reported through ``warn`` (one line each); the others are still drawn.
+    """
     run_dir = Path(run_dir)
     ckpt_path = next((p for p in (run_dir / "best.pt", run_dir / "ckpt.pt") if p.is_file()), None)
     if ckpt_path is None:
@@ -153,12 +175,20 @@ def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 
     model, ckpt = checkpoint.load_model(ckpt_path)  # one-line errors for bad files
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    if metrics:
-        written.append(plot_losses(metrics, out / "loss.png"))
-    if ckpt.get("train_config"):
-        written.append(plot_lr(ckpt["train_config"], out / "lr.png"))
-    written.append(plot_weights(ckpt["model"], out / "weights.png"))
-    written.append(plot_attention(model, out / "attention.png", layer=layer, head=head))
+    todo = {
+        "loss.png": (lambda p: plot_losses(metrics, p)) if metrics else None,
+        "lr.png": (lambda p: plot_lr(ckpt["train_config"], p)) if ckpt.get("train_config") else None,
+        "weights.png": lambda p: plot_weights(ckpt["model"], p),
+        "attention.png": lambda p: plot_attention(model, p, layer=layer, head=head),
+    }
+    written = []
+    for name, draw in todo.items():
+        if draw is None:
+            continue
+        try:
+            written.append(draw(out / name))
+        except Exception as e:  # a plot is a by-product: one line, and the other plots still come
+            if warn is not None:
+                warn(f"{out / name} not drawn ({type(e).__name__}: {first_line(e, 120)})")
     return written

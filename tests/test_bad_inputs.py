@@ -169,6 +169,8 @@ ROWS = {
     "train: negative --lr": ("train", lambda g, t: ["--lr", "-1e-3"], 2, "--lr"),
     "train: --max-iters -1": ("train", lambda g, t: ["--max-iters", "-1"], 2, "--max-iters"),
     "train: --device cuda without CUDA": ("train", lambda g, t: ["--device", "cuda"], 2, "CUDA"),
+    "train: --device of no known kind": ("train", lambda g, t: ["--device", "gpu0"], 2,
+                                         "auto, cpu, cuda or cuda:N"),
     # export.py
     "export: checkpoint missing": ("export", lambda g, t: ["--checkpoint", str(t / "nope.pt")],
                                    2, "checkpoint not found"),

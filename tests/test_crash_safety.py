@@ -6,7 +6,12 @@ entering tokenization, a ``.bin`` / ``meta.json`` / ``ckpt.pt`` / ``best.pt`` fi
 written under its temporary name but not yet renamed (``<name>``) or just renamed
 (``<name>:done``), and entering an evaluation. The moment chosen for a run (and which
 occurrence of it, seeded) parks the child there; the test then SIGKILLs it. "timer" kill
-points use no hook: the child dies after a seeded random delay, wherever it is.
+points park nowhere: their seeded delay starts when the child marks that data preparation
+("timer:data") or training ("timer:train", its first optimizer step) has started, and they
+land wherever the child is then. The hook also keeps the child's current phase in a file
+(``startup``, ``data``, ``data:tokenize``, ``data:write train.bin``, ``setup``, ``train``,
+``train:step``, ``train:eval``, ``train:write ckpt.pt``, ...), so each kill is logged with
+the phase it hit, and the phases covered are asserted.
 
 After every kill: the last ``ckpt.pt`` loads with ``checkpoint.load`` and its step never goes
 back, ``best.pt`` exists beside it and is at least as good as the ckpt says, the data folder
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +55,14 @@ import os, sys, time
 from pathlib import Path
 event, _, nth = os.environ.get("KILL_AT", "").partition("#")
 marker = Path(os.environ["KILL_MARKER"])
-seen = {}
+phase_fd = os.open(os.environ["KILL_PHASE"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+phases, seen = ["startup"], {}
+
+def show():  # the current phase, fixed width at offset 0: what a SIGKILL interrupts
+    os.pwrite(phase_fd, phases[-1].encode().ljust(64), 0)
+
+def started(what):  # a "timer:<what>" kill point starts counting here
+    Path(f"{marker}.{what}").touch()
 
 def hit(name):
     seen[name] = seen.get(name, 0) + 1
@@ -57,7 +70,26 @@ def hit(name):
         marker.write_text(name)
         time.sleep(600)  # parked here until the test kills us
 
+def in_phase(name, fn, before=None, after=None):
+    def wrapped(*a, **k):
+        phases.append(name(*a) if callable(name) else name)
+        show()
+        if before:
+            before()
+        try:
+            return fn(*a, **k)
+        finally:
+            phases.pop()
+            if after:
+                after()
+            show()
+    return wrapped
+
+show()
 from slm_export import checkpoint, data, training
+
+def base(name):
+    phases[0] = name
 
 def hooked_atomic_write(orig):
     def atomic_write(path, write):
@@ -67,42 +99,47 @@ def hooked_atomic_write(orig):
             hit(Path(path).name)  # complete under the temporary name, not yet renamed
         orig(path, write_then_park)
         hit(Path(path).name + ":done")
-    return atomic_write
+    where = lambda path, write: f"{phases[-1].split(':')[0]}:write {Path(path).name}"
+    return in_phase(where, atomic_write)
 
 checkpoint.atomic_write = hooked_atomic_write(checkpoint.atomic_write)
 data.atomic_write = hooked_atomic_write(data.atomic_write)
-_write_split, _evaluate = data._write_split, training.evaluate
-
-def write_split(*a, **k):
-    hit("tokenize")
-    return _write_split(*a, **k)
-
-def evaluate(*a, **k):
-    hit("eval")
-    return _evaluate(*a, **k)
-
-data._write_split, training.evaluate = write_split, evaluate
+data._write_split = in_phase("data:tokenize", data._write_split, lambda: hit("tokenize"))
+training.prepare = in_phase("data", training.prepare, lambda: started("data"),
+                            lambda: base("setup"))
+training.evaluate = in_phase("train:eval", training.evaluate, lambda: hit("eval"))
+training.forward_backward = in_phase(
+    "train:step", training.forward_backward, lambda: base("train") or started("train"))
 from slm_export.cli.train import main
 raise SystemExit(main(sys.argv[1:]))
 """
 
 # The data folder is built once, so its kill points come first and in order: each run
 # rebuilds the folder and dies one moment later.
-DATA_POINTS = ["timer", "tokenize", "train.bin", "val.bin", "meta.json"]
-TRAIN_POINTS = ["eval", "eval", "ckpt.pt", "ckpt.pt:done", "best.pt", "best.pt:done", "timer",
-                "timer"]
+DATA_POINTS = ["timer:data", "tokenize", "train.bin", "val.bin", "meta.json"]
+TRAIN_POINTS = ["eval", "eval", "ckpt.pt", "ckpt.pt:done", "best.pt", "best.pt:done",
+                "timer:train", "timer:train"]
+# The phase each kind of kill point must hit (a regular expression); ckpt.pt and best.pt are
+# first written in "setup", after the step-0 evaluation and before the first step.
+EXPECTED_PHASE = {"timer:data": r"data(:.+)?", "tokenize": r"data:tokenize",
+                  "train.bin": r"data:write train\.bin", "val.bin": r"data:write val\.bin",
+                  "meta.json": r"data:write meta\.json", "eval": r"train:eval",
+                  "timer:train": r"train(:.+)?", "ckpt.pt": r"(setup|train):write ckpt\.pt",
+                  "ckpt.pt:done": r"(setup|train):write ckpt\.pt",
+                  "best.pt": r"(setup|train):write best\.pt",
+                  "best.pt:done": r"(setup|train):write best\.pt"}
 
 
 def plan(rng: random.Random) -> list[tuple[str, int | float]]:
-    """(kill point, nth occurrence in that run, or seconds for 'timer'), seeded."""
-    points: list[tuple[str, int | float]] = [("timer", rng.uniform(0.3, 1.5))]
+    """(kill point, nth occurrence in that run, or seconds after its start for a timer), seeded."""
+    points: list[tuple[str, int | float]] = [("timer:data", rng.uniform(0.05, 0.5))]
     points += [(name, 1) for name in DATA_POINTS[1:]]
     points.append(("eval", 2))  # the first run dies between its step-0 and next checkpoint
     train = TRAIN_POINTS[:]
     rng.shuffle(train)
     for name in train:
-        if name == "timer":
-            points.append((name, rng.uniform(1.5, 5.0)))
+        if name.startswith("timer"):
+            points.append((name, rng.uniform(0.05, 2.0)))
         else:  # best.pt is written only on improvement: ask for an early one
             points.append((name, rng.randint(1, 2 if name.startswith("best") else 3)))
     return points
@@ -133,30 +170,41 @@ def launch(args: list[str], env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_and_kill(proc: subprocess.Popen, point: str, arg, marker: Path) -> None:
+    """Park at ``point`` (its ``arg``-th occurrence), or for a timer wait for its start marker
+    and then ``arg`` seconds; then SIGKILL. Fails if the child ended or never got there."""
+    deadline = time.monotonic() + 120
+    wait_for = Path(f"{marker}.{point.split(':')[1]}") if point.startswith("timer") else marker
+    while proc.poll() is None and time.monotonic() < deadline and not wait_for.exists():
+        time.sleep(0.01)
+    if point.startswith("timer") and wait_for.exists():
+        time.sleep(arg)
+    exited = proc.poll()
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert exited is None, f"{point}#{arg}: the run ended by itself ({exited}): {err[-2000:]}"
+    assert wait_for.exists(), f"{point}#{arg} was never reached: {err[-2000:]}"
+
+
 def test_sigkill_at_seeded_moments_then_resume(tmp_path):
     rng = random.Random(SEED)
     data_root, out = tmp_path / "data", tmp_path / "run"
     data_dir = data_root / Source(stories=STORIES).name
-    marker = tmp_path / "marker"
+    marker, phase_file = tmp_path / "marker", tmp_path / "phase"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+           "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT),
+           "KILL_MARKER": str(marker), "KILL_PHASE": str(phase_file)}
     base = [*FLAGS, "--data-root", str(data_root), "--out-dir", str(out)]
-    last_step, tried = -1, []
+    last_step, hits = -1, []
     for point, arg in plan(rng):
-        marker.unlink(missing_ok=True)
+        for stale in (marker, Path(f"{marker}.data"), Path(f"{marker}.train")):
+            stale.unlink(missing_ok=True)
         resume = ["--resume"] if last_step >= 0 else []
-        kill_at = "" if point == "timer" else f"{point}#{arg}"
-        proc = launch([*base, *resume, "--max-iters", "100000"], {**env, "KILL_AT": kill_at,
-                                                                   "KILL_MARKER": str(marker)})
-        deadline = time.monotonic() + (arg if point == "timer" else 120)
-        while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
-            time.sleep(0.01)
-        exited = proc.poll()
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-        assert exited is None, f"{point}#{arg}: the run ended by itself ({exited}): {err[-2000:]}"
-        assert point == "timer" or marker.exists(), f"{point}#{arg} was never reached"
-        tried.append(f"{point}#{arg:.2f}s" if point == "timer" else f"{point}#{arg}")
+        kill_at = "" if point.startswith("timer") else f"{point}#{arg}"
+        proc = launch([*base, *resume, "--max-iters", "100000"], {**env, "KILL_AT": kill_at})
+        wait_and_kill(proc, point, arg, marker)
+        phase = phase_file.read_text().strip()
+        hits.append((f"{point}+{arg:.2f}s" if point.startswith("timer") else f"{point}#{arg}", phase))
         last_step = check_state(out, data_dir, last_step)
 
     # The last run resumes from the last saved step and finishes.
@@ -171,8 +219,13 @@ def test_sigkill_at_seeded_moments_then_resume(tmp_path):
     assert all(math.isfinite(m["val_loss"]) for m in records)
     assert last_step > 0, "no kill point landed after training had started"
     TokenData(data_dir).verify_checksums()
-    print(f"\ncrash safety: {len(tried)} SIGKILL points tried: {', '.join(tried)}")
-    assert len(tried) == len(DATA_POINTS) + 1 + len(TRAIN_POINTS)
+    print(f"\ncrash safety: {len(hits)} SIGKILLs (point -> phase hit): "
+          + ", ".join(f"{p} -> {ph}" for p, ph in hits))
+    assert len(hits) == len(DATA_POINTS) + 1 + len(TRAIN_POINTS)
+    for point, phase in hits:
+        assert re.fullmatch(EXPECTED_PHASE[re.split(r"[#+]", point)[0]], phase), (point, phase)
+    assert {"data:tokenize", "data:write train.bin", "data:write val.bin", "data:write meta.json",
+            "train:eval"} <= {phase for _, phase in hits}
 
 
 def test_full_disk_while_training_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -6,16 +6,20 @@ import json
 import struct
 from pathlib import Path
 
+import matplotlib.axes
 import pytest
 import torch
 
 from slm_export import checkpoint, plots
 from slm_export.cli.train import main
-from slm_export.config import GPTConfig
+from slm_export.config import PRESETS, GPTConfig, TrainConfig
+from slm_export.data import Source, prepare
 from slm_export.model import GPT
-from slm_export.training import TrainConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_RUN = ["--preset", "tiny", "--stories", "300", "--block-size", "32", "--n-layer", "1",
+            "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--eval-iters", "1",
+            "--max-iters", "2", "--eval-interval", "1", "--device", "cpu"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -75,3 +79,71 @@ def test_attention_weights_reproduce_the_attention_layer():
         torch.testing.assert_close(block.attn.c_proj(y)[None], block.attn(h), atol=1e-5, rtol=1e-4)
     with pytest.raises(Exception, match="no layer 5"):
         plots.attention_weights(model, idx, layer=5, head=0)
+
+
+def test_weight_histograms_take_any_tensor(tmp_path):
+    """The crash of a 2-step 30m run: LayerNorm gains 1 +- 1e-7 cannot make 80 float32 bins."""
+    gains = torch.linspace(1 - 1e-7, 1 + 1e-7, 384)  # as after two steps at lr 5e-7
+    state = {
+        "transformer.wte.weight": torch.full((50, 4), 0.02),  # constant
+        "transformer.h.0.attn.c_attn.weight": torch.tensor([1.0, float("nan"), float("inf"), 2.0]),
+        "transformer.h.0.mlp.c_fc.weight": torch.tensor([float("nan")] * 3),
+        "transformer.h.0.ln_1.weight": gains,
+    }
+    titles = []
+    real_set_title = matplotlib.axes.Axes.set_title
+
+    def set_title(ax, label, *a, **k):
+        titles.append(label)
+        return real_set_title(ax, label, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "set_title", set_title)
+        png_size(plots.plot_weights(state, tmp_path / "weights.png"))
+        assert "mean 0.02, std 0" in titles[0]
+        assert "2 non-finite left out" in titles[1]
+        assert "no finite values (3 NaN / inf)" in titles[2]
+        assert "mean 1, std " in titles[3] and "non-finite" not in titles[3]
+        widest = {"transformer.h.0.ln_1.weight": torch.tensor([-3e38, 3e38, 0.0])}
+        png_size(plots.plot_weights(widest, tmp_path / "widest.png"))
+        assert "mean 0, std 2.45e+38" in titles[-1] and "attention (c_attn, c_proj): none" in titles
+
+
+def test_a_plot_that_fails_is_one_warning_and_the_run_succeeds(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ValueError("Too many bins for data range.\nsecond line")
+
+    monkeypatch.setattr(plots, "plot_weights", broken)
+    run = tmp_path / "run"
+    assert main([*TINY_RUN, "--data-root", str(tmp_path / "data"), "--out-dir", str(run),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {run / 'plots' / 'weights.png'} not drawn "
+                   "(ValueError: Too many bins for data range.)"]
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "attention.png"}
+    assert checkpoint.load(run / "ckpt.pt")["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def stories_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare(Source(stories=300), root)
+    return root
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_two_step_run_of_each_preset_draws_its_plots(name, stories_root, tmp_path, capsys):
+    """The issue's command (a 30m run crashed in its weights histogram after 2 steps), on 300
+    stories and with one evaluation fewer."""
+    run = tmp_path / "run"
+    assert main(["--dataset", "stories", "--preset", name, "--stories", "300", "--max-iters", "2",
+                 "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
+                 "--device", "cpu", "--data-root", str(stories_root), "--out-dir", str(run),
+                 "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    for png in ("loss.png", "lr.png", "weights.png", "attention.png"):
+        width, height = png_size(run / "plots" / png)
+        assert width >= 400 and height >= 300
+    ckpt = checkpoint.load(run / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["model_config"] == PRESETS[name].to_dict()
+    assert [m["step"] for m in plots.read_metrics(run / "metrics.jsonl")] == [0, 2]

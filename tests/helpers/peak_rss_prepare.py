@@ -1,34 +1,23 @@
-"""Prepare N embedded stories and print: tokens, peak anonymous RSS in MB (sampled)."""
+"""Prepare N embedded stories and print: train tokens, train documents, this process's peak
+RSS in MB (the kernel's high-water mark, VmHWM), the largest child's peak RSS in MB (0 when
+no worker process ran)."""
 
+import resource
 import sys
 import tempfile
-import threading
-import time
 
 from slm_export import data
 
 
-def rss_anon_mb() -> int:
+def vm_hwm_mb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) // 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-peak, done = rss_anon_mb(), threading.Event()
-
-
-def watch():
-    global peak
-    while not done.is_set():
-        peak = max(peak, rss_anon_mb())
-        time.sleep(0.005)
-
-
-watcher = threading.Thread(target=watch, daemon=True)
-watcher.start()
 prepared = data.prepare(data.Source(stories=int(sys.argv[1]), seed=9), tempfile.mkdtemp())
-done.set()
-watcher.join()
-print(prepared.meta["splits"]["train"]["tokens"], peak)
+train = prepared.meta["splits"]["train"]
+children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024  # KB on Linux
+print(train["tokens"], train["documents"], vm_hwm_mb(), children_mb)
