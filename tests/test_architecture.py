@@ -19,6 +19,7 @@ RANKS = {
     "errors": 0,
     "config": 1,
     "devices": 2, "model": 2, "tokenizer": 2, "stories": 2, "optim": 2, "artifacts": 2,
+    "loss": 3,
     "checkpoint": 3,
     "data": 4,
     "training": 5, "plots": 5,
