@@ -8,9 +8,11 @@ from pathlib import Path
 
 from slm_export.cli.common import (
     ArgumentParser,
+    device,
     entry_point,
     non_negative_float,
     positive_int,
+    probability,
     seed,
 )
 from slm_export.errors import SlmError
@@ -19,15 +21,9 @@ DEFAULT_MODEL = Path("artifacts/runs/latest")
 SEPARATOR = "---------------"
 
 
-def top_p_value(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def build_parser() -> ArgumentParser:
     from slm_export.runtime import BACKENDS, OVERFLOW_POLICIES
+    from slm_export.runtime.speculative import SPECULATIVE
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--backend", choices=BACKENDS, default="eager",
@@ -45,7 +41,7 @@ def build_parser() -> ArgumentParser:
                    help="softmax temperature; 0 means greedy (default 0.8)")
     p.add_argument("--top-k", type=positive_int, default=20,
                    help="sample among the k most likely tokens (default 20)")
-    p.add_argument("--top-p", type=top_p_value, default=None,
+    p.add_argument("--top-p", type=probability, default=None,
                    help="nucleus sampling: the most likely tokens holding this much probability")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=seed, default=None,
@@ -53,14 +49,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print token by token (default: when stdout is a terminal)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="default auto: cuda when available (and usable by the backend), else cpu")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto, cpu, cuda or cuda:N (default auto: cuda when available and usable "
+                        "by the backend, else cpu)")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
     p.add_argument("--variant", choices=("fp32", "int8", "fp16"), default="fp32",
                    help="ONNX model variant for the ort backend, as written by export.py "
                         "--quantize int8 / --dtype fp16 (default fp32)")
+    g = p.add_argument_group("speculative decoding (same output distribution, fewer passes)")
+    g.add_argument("--speculative", choices=SPECULATIVE, default=None,
+                   help="ngram: drafts from the text's own repeats; draft: from --draft-model")
+    g.add_argument("--draft-model", type=Path, default=None,
+                   help="a smaller checkpoint or export of the same tokenizer (--speculative draft)")
+    g.add_argument("--draft-backend", choices=BACKENDS, default=None,
+                   help="backend of the draft model (default: --backend)")
+    g.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="drafts verified per step (default 4)")
     return p
 
 
@@ -100,7 +106,8 @@ def main(argv=None) -> int:
     rows = [p for p in prompts for _ in range(args.num_samples)]
     stream = TokenStream(backend, [encode(p) for p in rows], max_new_tokens=args.max_new_tokens,
                          sampling=sampling, generator=make_generator(args.seed, backend.device),
-                         overflow=args.overflow)
+                         overflow=args.overflow, drafter=_drafter(args, backend),
+                         draft_tokens=args.draft_tokens)
     live = sys.stdout.isatty() if args.stream is None else args.stream
     write_rows(stream, rows, sys.stdout, live)
     return 0
@@ -123,6 +130,26 @@ def _load(args):
             raise
         print(f"warning: {e}; running on the CPU", file=sys.stderr)
         return load_backend(args.backend, model, "cpu", args.variant)
+
+
+def _drafter(args, backend):
+    """The drafter --speculative asks for (None without it)."""
+    from slm_export.runtime import load_backend
+    from slm_export.runtime.speculative import ModelDrafter, NgramDrafter
+
+    if args.speculative is None:
+        if args.draft_model is not None:
+            raise SlmError("--draft-model needs --speculative draft")
+        return None
+    if args.speculative == "ngram":
+        return NgramDrafter()
+    if args.draft_model is None:
+        raise SlmError("--speculative draft needs --draft-model CHECKPOINT_OR_EXPORT")
+    draft = load_backend(args.draft_backend or args.backend, args.draft_model, backend.device)
+    if draft.config.vocab_size != backend.config.vocab_size:
+        raise SlmError(f"--draft-model has a vocabulary of {draft.config.vocab_size}, the model "
+                       f"{backend.config.vocab_size}: a draft must share the tokenizer")
+    return ModelDrafter(draft)
 
 
 def write_rows(stream, texts: list[str], out, live: bool) -> None:
