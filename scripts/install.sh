@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv (if absent) and installs slm-export with the given extras (e.g. "test").
-#   TORCH_SPEC   what to install for torch; default the CPU wheel CI uses (torch==2.13.0).
-#                GPU users: install a CUDA build of torch >= 2.6 into .venv first and set
-#                TORCH_SPEC=skip (see README, "GPU").
+# Creates .venv (if absent) and installs slm-export with the given extras (e.g. "test",
+# "gpu", "gpu,test").
+#   TORCH_SPEC   what to install for torch; default torch==2.13.0 (on Linux x86_64 PyPI serves
+#                it as a CUDA 13 build; this project's machines find a CPU wheel on disk).
+#                TORCH_SPEC=skip keeps the torch already in .venv.
+#   gpu          the extra that adds onnxruntime-gpu's CUDA 13 and cuDNN 9 libraries from pip;
+#                the script then checks that torch and onnxruntime-gpu use one CUDA major.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -31,3 +34,18 @@ if ! "$py" -c "from slm_export import tokenizer as t; t.load_ranks(t.BPE_DATA)" 
         "$tmp"/*.tar.gz
 fi
 "$py" -c "from slm_export.tokenizer import get_encoding; assert get_encoding().n_vocab == 50257"
+if [[ ",$extras," == *,gpu,* ]]; then  # GPU mode: refuse a mixed install now, not at first use
+    "$py" - <<'PY'
+import sys, torch
+from slm_export.artifacts.loaders import ort_cuda_problem
+if not torch.version.cuda:
+    sys.exit(f"error: torch {torch.__version__} is a CPU build: install its CUDA build "
+             "(TORCH_SPEC, README GPU) and run this again")
+problem = ort_cuda_problem() or (None if torch.cuda.is_available() else
+                                 "torch sees no CUDA device (is the NVIDIA driver installed?)")
+if problem:
+    sys.exit(f"error: {problem}")
+print(f"GPU install: torch {torch.__version__} (CUDA {torch.version.cuda}) and onnxruntime-gpu"
+      " agree; next: .venv/bin/slm-doctor")
+PY
+fi
