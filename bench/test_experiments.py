@@ -106,7 +106,7 @@ def test_experiment_decode(benchmark, bench, experiment):
             bm.sync(bench.device)
             times.append(time.perf_counter() - start)
 
-        benchmark.pedantic(timed, rounds=bench.max_rounds, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(timed, rounds=bench.min_rounds, iterations=1, warmup_rounds=0)
     median = statistics.median(times)
     tps = NEW_TOKENS / median
     ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +34,8 @@ from slm_export.config import GPTConfig
 
 # Bytes per weight of the matrices (Linear / Gemm / MatMul) for each weight dtype a variant
 # stores; LayerNorm weights and biases stay fp32 in every variant we export.
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
+                "int4": 0.5 + 4 / 32}  # 4 bits plus an fp32 scale per block of 32
 
 RESULT_FIELDS = ("backend", "variant", "device", "preset", "batch", "new_tokens", "tokens_per_s",
                  "ttft_ms", "peak_mem_mb", "roofline_pct")
@@ -182,9 +185,25 @@ def _version(module: str) -> str | None:
         return None
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" if it has uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
+        "commit": git_commit(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
@@ -223,13 +242,7 @@ class Result:
     scenario: str = "decode"
     prompt_tokens: int = 4
     rounds: int = 0
-    speedup_vs_naive: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def key(self) -> tuple:
-        """Rows compared with naive share everything but the backend and variant."""
-        return (self.scenario, self.device, self.preset, self.batch, self.new_tokens,
-                self.prompt_tokens)
+    extra: dict[str, Any] = field(default_factory=dict)  # spread, latency, checks, ...
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,22 +252,25 @@ class Result:
         return {**d, **extra}
 
 
-def fill_speedups(results: list[Result]) -> None:
-    """Set ``speedup_vs_naive`` on every row that has a naive row with the same key."""
-    naive = {r.key(): r for r in results if r.backend == "naive"}
-    for r in results:
-        base = naive.get(r.key())
-        if base is None or not base.tokens_per_s:
-            r.speedup_vs_naive = None
-        else:
-            r.speedup_vs_naive = r.tokens_per_s / base.tokens_per_s
+SPEEDUP_KEY = ("scenario", "device", "preset", "batch", "new_tokens", "prompt_tokens")
+
+
+def fill_speedups(rows: list[dict[str, Any]]) -> None:
+    """Set ``speedup_vs_naive`` on every results.json row that has a naive row with the same
+    scenario, device, preset, batch and lengths."""
+    naive = {tuple(r.get(k) for k in SPEEDUP_KEY): r for r in rows if r["backend"] == "naive"}
+    for r in rows:
+        base = naive.get(tuple(r.get(k) for k in SPEEDUP_KEY))
+        r["speedup_vs_naive"] = (r["tokens_per_s"] / base["tokens_per_s"]
+                                 if base and base["tokens_per_s"] else None)
 
 
 def write_results(path: str | os.PathLike, machine: dict[str, Any], results: list[Result],
                   extra: dict[str, Any] | None = None) -> Path:
     """Write {"machine": ..., "results": [...]} (plus ``extra`` top-level keys) as JSON."""
-    fill_speedups(results)
-    doc = {"machine": machine, "results": [r.to_json() for r in results], **(extra or {})}
+    rows = [r.to_json() for r in results]
+    fill_speedups(rows)
+    doc = {"machine": machine, "results": rows, **(extra or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -276,33 +292,89 @@ def check_results(doc: dict[str, Any]) -> None:
             raise ValueError(f"results[{i}] is missing {missing}")
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """min, median, max and the 95th percentile (nearest rank) of a list of timings."""
+    ordered = sorted(values)
+    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1], "p95": p95}
+
+
 # --- table ------------------------------------------------------------------------------------
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+COLUMNS = (("backend", "backend"), ("variant", "variant"), ("scenario", "scenario"),
+           ("batch", "batch"), ("prompt", "prompt_tokens"), ("new tok", "new_tokens"),
+           ("tokens/s", "tokens_per_s"), ("min-max", "tokens_per_s_range"),
+           ("vs naive", "speedup_vs_naive"), ("TTFT ms", "ttft_ms"),
+           ("step ms p50/p95", "itl_ms"), ("mem MB", "peak_mem_mb"),
+           ("% roofline", "roofline_pct"), ("compile s", "compile_s"), ("rounds", "rounds"),
+           ("checked", "check"))
+SCENARIO_ORDER = {"decode": 0, "speculative": 1, "prefill": 2}
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """One table cell of a results.json row."""
+    if key == "tokens_per_s_range":
+        lo, hi = row.get("tokens_per_s_min"), row.get("tokens_per_s_max")
+        return "-" if lo is None else f"{lo:.1f}-{hi:.1f}"
+    if key == "itl_ms":
+        p50, p95 = row.get("itl_p50_ms"), row.get("itl_p95_ms")
+        return "-" if p50 is None else f"{p50:.2f} / {p95:.2f}"
+    if key == "check":
+        if row.get("acceptance") is not None:
+            return (f"{row['parity']}; {row['drafter']} acceptance {row['acceptance']:.0%}, "
+                    f"{row['tokens_per_verify_step']} tok/verify")
+        return row.get("parity") or "-"
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "speedup_vs_naive":
+        return f"{value:.2f}x"
+    if key in ("peak_mem_mb", "roofline_pct"):
+        return f"{value:.0f}"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _sorted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (SCENARIO_ORDER.get(r.get("scenario"), 3), r["batch"],
+                                       -r["new_tokens"], r.get("prompt_tokens", 0),
+                                       -r["tokens_per_s"]))
 
 
 def results_table(results: list[Result], title: str = "slm-export benchmark"):
-    """A rich Table of the rows, sorted by scenario, batch, tokens, then speed."""
+    """A rich Table of the rows (the same cells as ``markdown_table``)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    fill_speedups(results)
+    rows = [r.to_json() for r in results]
+    fill_speedups(rows)
     table = Table(title=title, show_lines=False)
-    for name, justify in (("backend", "left"), ("variant", "left"), ("device", "left"),
-                          ("scenario", "left"), ("batch", "right"), ("prompt", "right"),
-                          ("new tok", "right"), ("tokens/s", "right"), ("vs naive", "right"),
-                          ("TTFT ms", "right"), ("mem MB", "right"), ("% roofline", "right"),
-                          ("compile s", "right")):
-        table.add_column(name, justify=justify)
-    order = {"decode": 0, "prefill": 1}
-    rows = sorted(results, key=lambda r: (order.get(r.scenario, 2), r.batch, -r.new_tokens,
-                                          r.prompt_tokens, -r.tokens_per_s))
-    for r in rows:
-        table.add_row(
-            r.backend, r.variant, r.device, r.scenario, str(r.batch), str(r.prompt_tokens),
-            str(r.new_tokens), f"{r.tokens_per_s:.1f}",
-            "-" if r.speedup_vs_naive is None else f"{r.speedup_vs_naive:.2f}x",
-            _fmt(r.ttft_ms, ".1f"), _fmt(r.peak_mem_mb, ".0f"), _fmt(r.roofline_pct, ".0f"),
-            _fmt(r.compile_s, ".1f"),
-        )
+    for name, _ in COLUMNS:
+        table.add_column(name)
+    for row in _sorted_rows(rows):
+        table.add_row(*(escape(_cell(row, key)) for _, key in COLUMNS))
     return table
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """A results.json as a markdown table: what bench/RESULTS.md publishes, regenerated from
+    the committed file so every number is traceable."""
+    fill_speedups(doc["results"])
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, key) for _, key in COLUMNS) + " |"
+              for r in _sorted_rows(doc["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """python -m slm_export.benchmark RESULTS_JSON: print its markdown table."""
+    import sys
+
+    path = Path((argv or sys.argv[1:])[0])
+    doc = json.loads(path.read_text())
+    check_results(doc)
+    sys.stdout.write(markdown_table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -98,7 +98,7 @@ def test_export_parser_and_checks(data, capsys):
     if args is not None:
         try:
             check_request(export_cli.FORMATS[args.format],
-                          [v for v in (args.quantize, args.dtype) if v not in (None, "fp32")],
+                          [*args.quantize, *([args.dtype] if args.dtype != "fp32" else [])],
                           args.opset)
         except SlmError as e:
             assert "\n" not in str(e)

@@ -25,7 +25,7 @@ FORMAT = "slm-export-export"
 VERSION = 2  # 2: cache graphs in the per-layer layout of kv_layout.py (1: one packed tensor)
 MANIFEST = "manifest.json"
 KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "hf", "hf_config")
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
 
 
 def package_version(name: str) -> str | None:

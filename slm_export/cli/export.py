@@ -26,8 +26,9 @@ def build_parser() -> ArgumentParser:
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 also writes model.fp16.onnx / model_kv.fp16.onnx (fp32 IO)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="also write dynamically quantized model.int8.onnx / model_kv.int8.onnx")
+    p.add_argument("--quantize", choices=["int8", "int4"], action="append", default=[],
+                   help="also write model.<q>.onnx / model_kv.<q>.onnx: int8 = dynamic quantization "
+                        "(weights and activations), int4 = 4-bit weights (MatMulNBits); repeatable")
     p.add_argument("--verify", action="store_true", default=True,
                    help="check every file against eager PyTorch (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     formats = FORMATS[args.format]
-    variants = [v for v in (args.quantize, "fp16" if args.dtype == "fp16" else None) if v]
+    variants = [*dict.fromkeys(args.quantize), *(["fp16"] if args.dtype == "fp16" else [])]
     check_request(formats, variants, args.opset)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():

@@ -55,9 +55,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
-    p.add_argument("--variant", choices=("fp32", "int8", "fp16"), default="fp32",
+    p.add_argument("--variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
                    help="ONNX model variant for the ort backend, as written by export.py "
-                        "--quantize int8 / --dtype fp16 (default fp32)")
+                        "--quantize int8|int4 / --dtype fp16 (default fp32)")
     g = p.add_argument_group("speculative decoding (same output distribution, fewer passes)")
     g.add_argument("--speculative", choices=SPECULATIVE, default=None,
                    help="ngram: drafts from the text's own repeats; draft: from --draft-model")

@@ -23,9 +23,9 @@ from slm_export.export import torchscript
 from slm_export.export.verify import QualityGate, verify_folder
 
 FORMATS = ("onnx", "torchscript", "hf")
-VARIANTS = ("int8", "fp16")  # reduced-precision ONNX files, derived from model.onnx
+VARIANTS = ("int8", "int4", "fp16")  # reduced-precision ONNX files, derived from model.onnx
 DEFAULT_FORMATS = ("onnx", "torchscript")
-DEFAULT_GATES = {"int8": QualityGate(), "fp16": QualityGate(min_top1=0.99)}
+DEFAULT_GATES = {"int8": QualityGate(), "int4": QualityGate(), "fp16": QualityGate(min_top1=0.99)}
 
 
 def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLike | None = None,
