@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slm_export.model import GPT, positions
+from slm_export.model import GPT
 
 LOSS_CHUNK_ROWS = 1024  # logits rows alive at once: 1024 x 50257 fp32 = 206 MB
 
@@ -105,15 +105,6 @@ def loss_and_correct(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return loss, correct
 
 
-def hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The final-LayerNorm output (B, T, C) of ``model`` for idx (B, T): what ``lm_head``
-    turns into logits."""
-    T = idx.size(1)
-    if T > model.config.block_size:
-        raise ValueError(f"sequence of length {T} exceeds block_size {model.config.block_size}")
-    return model._hidden(idx, positions(idx, 0, T))
-
-
 class NextTokenLoss(nn.Module):
     """What training differentiates (and what DDP and torch.compile wrap): the GPT's mean
     next-token cross-entropy through ``linear_cross_entropy``. Checkpoints save ``gpt``."""
@@ -124,6 +115,6 @@ class NextTokenLoss(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor,
                 grad_scale: torch.Tensor | None = None) -> torch.Tensor:
-        h = hidden_states(self.gpt, idx).flatten(0, 1)  # (B*T, C)
+        h = self.gpt.hidden_states(idx).flatten(0, 1)  # (B*T, C)
         return linear_cross_entropy(h, self.gpt.lm_head.weight, targets.reshape(-1),
                                     self.chunk_rows, grad_scale)

@@ -158,17 +158,21 @@ class GPT(nn.Module):
             x = block(x, None if caches is None else caches[i], mask)
         return self.transformer.ln_f(x)  # (B, T, C)
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C) for idx (B, T): what ``lm_head`` turns into
+        logits (the chunked training loss and the full-sequence export start here)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        return self._hidden(idx, positions(idx, 0, T))
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) -> (logits, loss).
 
         With targets: logits for every position (B, T, V) and the mean cross-entropy
         (targets of -1 are ignored). Without: the last position's logits (B, 1, V), loss None.
         """
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        pos = positions(idx, 0, T)
-        h = self._hidden(idx, pos)
+        h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
         logits = self.lm_head(h)

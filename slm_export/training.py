@@ -33,7 +33,7 @@ from slm_export.config import GPTConfig, TrainConfig
 from slm_export.data import Source, TokenData, get_batch, prepare
 from slm_export.devices import bf16_support, resolve_device
 from slm_export.errors import SlmError, first_line
-from slm_export.loss import NextTokenLoss, hidden_states, loss_and_correct
+from slm_export.loss import NextTokenLoss, loss_and_correct
 from slm_export.model import GPT
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own generator: seed + this
@@ -214,7 +214,7 @@ def evaluate(model: GPT, data: TokenData, *, batch_size: int, eval_iters: int, s
         for _ in range(eval_iters):
             x, y = get_batch(data.tokens(split), batch_size, block, gen, device)
             with precision.autocast(device.type):
-                h = hidden_states(model, x).flatten(0, 1)
+                h = model.hidden_states(x).flatten(0, 1)
                 batch_loss, batch_correct = loss_and_correct(h, model.lm_head.weight,
                                                              y.reshape(-1))
             loss, correct = loss + batch_loss, correct + batch_correct

@@ -81,7 +81,7 @@ def test_torchscript_alone_on_every_length(export_dir, tiny_model):
     module, meta = jit_load(export_dir / "model.ts")  # traced at length 16 only
     ids = torch.randint(0, 50257, (1, 128))
     with torch.no_grad():
-        full = tiny_model.lm_head(tiny_model._hidden(ids, torch.arange(128)))
+        full = tiny_model.lm_head(tiny_model.hidden_states(ids))
         for T in [*range(1, 128, 9), 127, 128]:
             logits = module(ids[:, :T])
             assert logits.shape == (1, T, 50257)
@@ -232,7 +232,7 @@ def test_hf_export_loads_in_transformers(tiny_ckpt, tiny_model, tmp_path):
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(m.file("hf").parent)).eval()
     ids = torch.randint(0, 50257, (2, 128))
     with torch.no_grad():
-        want = tiny_model.lm_head(tiny_model._hidden(ids, torch.arange(128)))
+        want = tiny_model.lm_head(tiny_model.hidden_states(ids))
         torch.testing.assert_close(hf_model(ids).logits, want, atol=1e-4, rtol=0)
     assert m.data["verification"]["hf/model.safetensors"]["max_abs_diff"] <= 1e-4
 

@@ -196,7 +196,7 @@ def test_transformers_cached_generation_logits_equal_ours(export):
     with torch.no_grad():
         out = lm.generate(prompt, do_sample=False, max_new_tokens=40, output_logits=True,
                           return_dict_in_generate=True)
-        full = model.lm_head(model._hidden(out.sequences, torch.arange(out.sequences.size(1))))
+        full = model.lm_head(model.hidden_states(out.sequences))
     steps = torch.stack(out.logits, dim=1)  # (1, new, vocab)
     want = full[:, prompt.size(1) - 1:-1]
     assert steps.shape == want.shape and (steps - want).abs().max() <= 1e-4
@@ -234,5 +234,5 @@ def test_ctranslate2_converts_and_generates_our_tokens(export, tmp_path):
     ids = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0))
     logits = np.asarray(generator.forward_batch([tok.convert_ids_to_tokens(row) for row in ids.tolist()]))
     with torch.no_grad():
-        want = model.lm_head(model._hidden(ids, torch.arange(128)))
+        want = model.lm_head(model.hidden_states(ids))
     assert (torch.from_numpy(logits) - want).abs().max() <= 1e-4

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slm_export.model import positions, positions_from_mask
+from slm_export.model import positions_from_mask
 
 
 class LogitsModule(torch.nn.Module):
@@ -23,8 +23,7 @@ class LogitsModule(torch.nn.Module):
         self.eval()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pos = positions(input_ids, 0, input_ids.size(1))
-        return self.model.lm_head(self.model._hidden(input_ids, pos))  # (B, T, V)
+        return self.model.lm_head(self.model.hidden_states(input_ids))  # (B, T, V)
 
 
 class KVModule(torch.nn.Module):
