@@ -70,6 +70,10 @@ class TrainConfig:
     text_field: str = "text"  # a column name, or a template such as "{Context}\n{Response}"
     stories: int = 10_000  # size of the embedded corpus, for dataset "stories"
     val_fraction: float = 0.005  # held out when the dataset has no validation split
+    dataset_config: str | None = None  # the datasets builder config (load_dataset's name=)
+    train_split: str = "train"
+    val_split: str | None = None  # None: validation / val / valid / test, whichever exists
+    streaming: bool = False  # read the source as a stream (corpora larger than memory)
     data_root: str = "artifacts/data"
     out_dir: str = "artifacts/runs/30m-stories"
     max_iters: int = 20_000

@@ -35,6 +35,7 @@ FORMAT = "slm-export-data"
 VERSION = 2  # 2: the held-out split is drawn by SPLIT_METHOD (1: datasets' shuffle)
 READABLE_VERSIONS = (1, 2)
 SPLIT_METHOD = "numpy.random.default_rng(seed).choice(n_docs, n_val, replace=False)"
+STREAM_SPLIT_METHOD = "blake2b(f'{seed}:{index}', 8 bytes) / 2**64 < val_fraction, per document"
 DTYPE = np.uint16  # GPT-2 ids < 65536
 SPLITS = ("train", "val")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -50,6 +51,16 @@ class Source:
     val_fraction: float = TrainConfig.val_fraction  # held out when the source has no val split
     stories: int = TrainConfig.stories  # size of the embedded corpus (number of stories)
     seed: int = 42  # of the embedded corpus and the held-out split: the same documents every run
+    config: str | None = TrainConfig.dataset_config  # load_dataset's name= (builder config)
+    train_split: str = TrainConfig.train_split
+    val_split: str | None = TrainConfig.val_split  # None: the first of VAL_NAMES it has
+    streaming: bool = TrainConfig.streaming
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Source:
+        return cls(dataset=cfg.dataset, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+                   stories=cfg.stories, config=cfg.dataset_config, train_split=cfg.train_split,
+                   val_split=cfg.val_split, streaming=cfg.streaming)
 
     @property
     def name(self) -> str:
@@ -61,7 +72,8 @@ class Source:
         else:
             base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.dataset).name or self.dataset)
             key = f"{Path(self.dataset).resolve() if Path(self.dataset).exists() else self.dataset}"
-            key += f"|{self.text_field}|{self.val_fraction}|{self.seed}"
+            key += (f"|{self.text_field}|{self.val_fraction}|{self.seed}|{self.config}"
+                    f"|{self.train_split}|{self.val_split}|{self.streaming}")
             base += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
         return base
 
@@ -151,8 +163,8 @@ def prepare(source: Source, out_root: str | os.PathLike = "artifacts/data",
 # -- loading text ---------------------------------------------------------------------------
 
 def _load_splits(source: Source) -> tuple[dict, dict]:
-    """-> ({"train": Dataset, "val": Dataset}, how val was chosen), holding out a validation
-    set when the source has none."""
+    """-> ({"train": dataset, "val": dataset}, how val was chosen), holding out a validation
+    set when the source has none. Datasets are ``IterableDataset``s with ``streaming``."""
     import datasets
 
     if source.dataset == "stories":
@@ -161,14 +173,19 @@ def _load_splits(source: Source) -> tuple[dict, dict]:
             _story_rows, gen_kwargs={"n": source.stories, "seed": source.seed})
         raw = datasets.DatasetDict({"train": ds})
     else:
-        raw = _load_dataset(source.dataset)
-    if "train" not in raw:
-        raise SlmError(f"dataset {source.dataset!r} has no 'train' split "
-                       f"(splits: {', '.join(raw) or 'none'})")
-    train = raw["train"]
-    val_name = next((name for name in VAL_NAMES if name in raw), None)
+        raw = _load_dataset(source)
+    for wanted in (source.train_split, source.val_split):
+        if wanted is not None and wanted not in raw:
+            raise SlmError(f"dataset {source.dataset!r} has no {wanted!r} split "
+                           f"(splits: {', '.join(raw) or 'none'})")
+    train = raw[source.train_split]
+    val_name = source.val_split or next((n for n in VAL_NAMES if n in raw and n != source.train_split), None)
     if val_name is not None:
         val, split_info = raw[val_name], {"method": f"the source's {val_name!r} split"}
+    elif source.streaming:
+        train, val = _hold_out_stream(train, source.val_fraction, source.seed)
+        split_info = {"method": STREAM_SPLIT_METHOD, "seed": source.seed,
+                      "val_fraction": source.val_fraction}
     else:
         if len(train) < 2:
             raise SlmError(f"dataset {source.dataset!r} has {len(train)} document(s): "
@@ -177,7 +194,7 @@ def _load_splits(source: Source) -> tuple[dict, dict]:
         split_info = {"method": SPLIT_METHOD, "seed": source.seed,
                       "val_fraction": source.val_fraction}
     for split, ds in (("train", train), ("val", val)):
-        if len(ds) == 0:
+        if not source.streaming and len(ds) == 0:  # a stream's emptiness shows when written
             raise SlmError(f"dataset {source.dataset!r}: the {split} split is empty")
     _check_field(train, source)
     return {"train": train, "val": val}, split_info
@@ -194,35 +211,55 @@ def _hold_out(ds, fraction: float, seed: int):
     return ds.select(np.flatnonzero(~is_val)), ds.select(np.flatnonzero(is_val))
 
 
+def _held_out(seed: int, index: int, fraction: float) -> bool:
+    """STREAM_SPLIT_METHOD: one document's draw, from the seed and its index alone."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def _hold_out_stream(ds, fraction: float, seed: int):
+    """(train, val) of a stream whose length is unknown: each document is held out on its own
+    draw (``STREAM_SPLIT_METHOD``), so the split needs one pass and no memory."""
+    def held(_row, index):
+        return _held_out(seed, index, fraction)
+
+    def kept(_row, index):
+        return not _held_out(seed, index, fraction)
+
+    return ds.filter(kept, with_indices=True), ds.filter(held, with_indices=True)
+
+
 def _story_rows(n: int, seed: int):
     for text in stories(n, seed=seed):
         yield {"text": text}
 
 
-def _load_dataset(name: str):
+def _load_dataset(source: Source):
+    """The source's splits through ``datasets.load_dataset``: a local file, a local folder
+    (its files' names give the splits, as on the hub; a dataset card's ``configs`` too), or a
+    hub name; ``config`` and ``streaming`` passed on."""
     import datasets
 
-    path = Path(name)
+    name, path = source.dataset, Path(source.dataset)
+    kw: dict = {"streaming": source.streaming}
+    if source.config:
+        kw["name"] = source.config
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) \
-            if path.is_dir() else [path]
-        kinds = {LOCAL_BUILDERS.get(p.suffix) for p in files}
-        if not files or None in kinds or len(kinds) != 1:
-            raise SlmError(f"{name}: expected .txt, .jsonl or .parquet file(s) of one kind")
-        if any(p.stat().st_size == 0 for p in files):
-            raise SlmError(f"{name}: empty file {next(p for p in files if p.stat().st_size == 0)}")
-        builder = kinds.pop()
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        builder = _local_builder(path)
+        if builder == "text":
+            kw["sample_by"] = "paragraph"  # a document is a blank-line separated paragraph
+        target = str(path) if path.is_dir() else builder
+        if path.is_file():
+            kw["data_files"] = {"train": str(path)}
         try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files],
-                                         **extra)
+            return datasets.load_dataset(target, **kw)
         except Exception as e:  # malformed JSON / parquet raise builder-specific types
             raise SlmError(f"cannot read {name}: {first_line(e)}") from None
     hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
     if path.suffix in LOCAL_BUILDERS or not hub_like:
         raise SlmError(f"dataset file not found: {name}")
     try:
-        return datasets.load_dataset(name)
+        return datasets.load_dataset(name, **kw)
     except Exception as e:  # offline: ConnectionError / OfflineModeIsEnabled; others vary
         raise SlmError(
             f"cannot load {name!r} from the Hugging Face hub ({type(e).__name__}: "
@@ -230,12 +267,28 @@ def _load_dataset(name: str):
             "--dataset stories") from None
 
 
+def _local_builder(path: Path) -> str:
+    """The datasets builder of a local file or folder (text, json or parquet), checked."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS) \
+        if path.is_dir() else [path]
+    kinds = {LOCAL_BUILDERS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) != 1:
+        raise SlmError(f"{path}: expected .txt, .jsonl or .parquet file(s) of one kind")
+    empty = next((p for p in files if p.stat().st_size == 0), None)
+    if empty is not None:
+        raise SlmError(f"{path}: empty file {empty}")
+    return kinds.pop()
+
+
 def _check_field(ds, source: Source) -> None:
     fields = set(re.findall(r"{(\w+)}", source.text_field)) or {source.text_field}
-    missing = fields - set(ds.column_names)
+    columns = ds.column_names
+    if columns is None:  # a stream whose features are unknown until read: look at one row
+        columns = list(next(iter(ds), {}))
+    missing = fields - set(columns)
     if missing:
         raise SlmError(f"dataset {source.dataset!r} has no {', '.join(sorted(missing))!r} "
-                       f"field (columns: {', '.join(ds.column_names)}); use --text-field")
+                       f"field (columns: {', '.join(columns)}); use --text-field")
 
 
 # -- tokenizing -----------------------------------------------------------------------------
@@ -260,27 +313,45 @@ def _tokenize_batch(batch: dict, text_field: str) -> dict:
 
 
 def _write_split(ds, text_field: str, path: Path, num_proc: int | None) -> dict:
-    if num_proc is None:
-        num_proc = min(os.cpu_count() or 1, 8) if len(ds) >= 50_000 else None
-    tokenized = ds.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc,
-                       fn_kwargs={"text_field": text_field}, remove_columns=ds.column_names,
-                       desc=f"tokenizing {path.stem}")
+    """Tokenize ``ds`` into ``path`` batch by batch (bounded memory whatever the corpus; a
+    stream is read once, with a progress bar of its own) -> the split's meta.json entry."""
+    import datasets
+
+    streaming = isinstance(ds, datasets.IterableDataset)
+    if streaming:
+        tokenized = ds.map(_tokenize_batch, batched=True, batch_size=1000,
+                           fn_kwargs={"text_field": text_field}, remove_columns=ds.column_names)
+        bar = datasets.utils.tqdm(desc=f"tokenizing {path.stem} (stream)", unit=" docs")
+    else:
+        if num_proc is None:
+            num_proc = min(os.cpu_count() or 1, 8) if len(ds) >= 50_000 else None
+        tokenized = ds.map(_tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc,
+                           fn_kwargs={"text_field": text_field}, remove_columns=ds.column_names,
+                           desc=f"tokenizing {path.stem}")
+        bar = None
     sha = hashlib.sha256()
-    count = 0
+    count = documents = 0
 
     def write(f):
-        nonlocal count
-        for batch in tokenized.iter(batch_size=1000):  # bounded memory, whatever the corpus
+        nonlocal count, documents
+        for batch in tokenized.iter(batch_size=1000):
             arr = np.fromiter((t for doc in batch["ids"] for t in doc), dtype=DTYPE)
             data = arr.tobytes()
             f.write(data)
             sha.update(data)
             count += arr.size
+            documents += len(batch["ids"])
+            if bar is not None:
+                bar.update(len(batch["ids"]))
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    finally:
+        if bar is not None:
+            bar.close()
     if count == 0:
         raise SlmError(f"{path.stem} split holds no text after tokenizing")
-    return {"tokens": count, "documents": len(ds), "sha256": sha.hexdigest()}
+    return {"tokens": count, "documents": documents, "sha256": sha.hexdigest()}
 
 
 def _read_meta(root: Path) -> dict:

@@ -317,8 +317,7 @@ def _load_start(cfg: TrainConfig, model_config: GPTConfig, resume: dict | None):
 def _prepare_data(cfg: TrainConfig, d: Dist, resume: dict | None) -> TokenData:
     """Tokenize the data once, and check that a resumed run continues on the data it was
     trained on."""
-    source = Source(dataset=cfg.dataset, text_field=cfg.text_field, stories=cfg.stories,
-                    val_fraction=cfg.val_fraction)
+    source = Source.of(cfg)
     data = _prepare_on_rank0(source, cfg.data_root) if d.enabled else prepare(source, cfg.data_root)
     old = (resume or {}).get("data_meta", {}).get("splits", {})
     if old and old != data.meta["splits"]:

@@ -181,3 +181,57 @@ def test_val_fraction_is_part_of_the_stories_folder(root):
     wider = data.prepare(data.Source(stories=200, seed=1, val_fraction=0.1), root)
     assert wider.root != default.root
     assert wider.meta["splits"]["val"]["documents"] == 20
+
+
+# -- the datasets conventions: folders, builder configs, split names, streaming ----------------
+
+def _tinystories_like(folder, n_train=30, n_val=5):
+    """train.jsonl + validation.jsonl, the shape of the TinyStories dataset on the hub."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "train.jsonl", [{"text": f"{STORY}Story {i}."} for i in range(n_train)])
+    _write_jsonl(folder / "validation.jsonl", [{"text": f"Held out {i}."} for i in range(n_val)])
+    return folder
+
+
+def test_folder_splits_come_from_file_names(tmp_path, root):
+    folder = _tinystories_like(tmp_path / "ts")
+    d = data.prepare(data.Source(str(folder)), root)
+    assert d.meta["split"] == {"method": "the source's 'validation' split"}
+    assert (d.meta["splits"]["train"]["documents"], d.meta["splits"]["val"]["documents"]) == (30, 5)
+    assert tokenizer.decode(d.tokens("val")[:5]).startswith("Held out 0.")
+
+
+def test_dataset_card_config_and_named_splits(tmp_path, root):
+    folder = _tinystories_like(tmp_path / "card")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: small\n  data_files:\n  - split: stories\n"
+        "    path: train.jsonl\n  - split: held\n    path: validation.jsonl\n---\n")
+    src = data.Source(str(folder), config="small", train_split="stories", val_split="held")
+    d = data.prepare(src, root)
+    assert d.meta["split"] == {"method": "the source's 'held' split"}
+    assert d.meta["splits"]["val"]["documents"] == 5
+    with pytest.raises(SlmError, match="no 'validation' split.*splits: stories, held"):
+        data.prepare(data.Source(str(folder), config="small", train_split="stories",
+                                 val_split="validation"), root)
+
+
+def test_streaming_writes_the_same_tokens(tmp_path, root):
+    folder = _tinystories_like(tmp_path / "ts")
+    eager = data.prepare(data.Source(str(folder)), root)
+    streamed = data.prepare(data.Source(str(folder), streaming=True), root)
+    assert streamed.root != eager.root
+    assert streamed.meta["splits"] == eager.meta["splits"]
+
+
+def test_streaming_hold_out_is_a_per_document_draw(tmp_path, root):
+    rows = [{"text": f"Document {i} is here."} for i in range(200)]
+    path = _write_jsonl(tmp_path / "docs.jsonl", rows)
+    d = data.prepare(data.Source(str(path), streaming=True, val_fraction=0.1, seed=3), root)
+    held = [i for i in range(200) if data._held_out(3, i, 0.1)]
+    assert 5 <= len(held) <= 40 and d.meta["splits"]["val"]["documents"] == len(held)
+    want = [t for i in held for t in tokenizer.encode(rows[i]["text"]) + [tokenizer.EOT_ID]]
+    assert d.tokens("val").tolist() == want
+    assert d.meta["split"]["method"] == data.STREAM_SPLIT_METHOD
+    again = data.prepare(data.Source(str(path), streaming=True, val_fraction=0.1, seed=3),
+                         tmp_path / "other")
+    assert again.meta["splits"] == d.meta["splits"]

@@ -64,6 +64,30 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_dataset_flags_of_the_datasets_conventions(tmp_path):
+    """--dataset-config, --train-split, --val-split and --streaming through train.py, on a
+    local folder shaped like a hub dataset (a card with a named config and split names)."""
+    folder = tmp_path / "card"
+    folder.mkdir()
+    story = "Once upon a time, a little fox named Leo found a red ball in the garden. "
+    for name, n in (("train.jsonl", 60), ("validation.jsonl", 8)):
+        (folder / name).write_text("".join(json.dumps({"text": story * 3 + str(i)}) + "\n"
+                                           for i in range(n)))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: small\n  data_files:\n  - split: stories\n"
+        "    path: train.jsonl\n  - split: held\n    path: validation.jsonl\n---\n")
+    args = [*small(tmp_path / "data", tmp_path / "run"), "--dataset", str(folder)]
+    r = run_cli([*args, "--dataset-config", "small", "--train-split", "stories",
+                 "--val-split", "held", "--streaming", "--max-iters", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads(next((tmp_path / "data").glob("*/meta.json")).read_text())
+    assert meta["split"] == {"method": "the source's 'held' split"}
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (60, 8)
+    r = run_cli([*args, "--out-dir", str(tmp_path / "run2"), "--dataset-config", "small",
+                 "--train-split", "train", "--max-iters", "2"])
+    assert r.returncode == 2 and "no 'train' split" in r.stderr and "Traceback" not in r.stderr
+
+
 # -- pure pieces -----------------------------------------------------------------------------
 
 def test_lr_schedule_warmup_cosine_floor():

@@ -86,6 +86,13 @@ def _data_flags(g) -> None:
     g.add_argument("--val-fraction", type=fraction,
                    help="share of documents held out for validation when the dataset has no "
                         f"validation split (default {D.val_fraction}, the same documents every run)")
+    g.add_argument("--dataset-config", help="the dataset's builder config (load_dataset's name=)")
+    g.add_argument("--train-split", help=f"split to train on (default {D.train_split})")
+    g.add_argument("--val-split", help="split to evaluate on (default: validation, val, valid "
+                                       "or test, whichever exists; else --val-fraction is held out)")
+    g.add_argument("--streaming", action="store_true", default=None,
+                   help="read the dataset as a stream (corpora larger than memory), tokenized "
+                        "once into the memmaps")
     g.add_argument("--data-root", help=f"where tokenized data is cached (default {D.data_root})")
 
 
