@@ -25,9 +25,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 also writes model.fp16.onnx / model_kv.fp16.onnx (fp32 IO)")
+                   help="fp16 also writes model.fp16.onnx / onnx/model.fp16.onnx (fp32 logits)")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="also write dynamically quantized model.int8.onnx / model_kv.int8.onnx")
+                   help="also write dynamically quantized model.int8.onnx / onnx/model.int8.onnx")
     p.add_argument("--verify", action="store_true", default=True,
                    help="check every file against eager PyTorch (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
