@@ -50,7 +50,7 @@ def test_cuda_provider_problem_of_a_cpu_build_and_of_mismatched_majors(monkeypat
 def test_placement_and_cpu_fallback(export_dir):
     """The placement report a CUDA session is checked with, on CPU sessions: the int8 graph's
     dynamic quantization is arithmetic that would stay on the CPU under a GPU provider."""
-    int8 = ort_session(export_dir / "model_kv.int8.onnx")
+    int8 = ort_session(export_dir / "onnx" / "model.int8.onnx")
     placed = loaders.placement(int8)
     assert set(placed) == {"CPUExecutionProvider"} and placed["CPUExecutionProvider"]["MatMulInteger"] > 0
     fallback = cpu_fallback(int8, "CUDAExecutionProvider")

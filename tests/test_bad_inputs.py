@@ -194,11 +194,11 @@ ROWS = {
         2, "do not match its model config"),
     "generate: ONNX file is junk (manifest fixed up)": (
         "generate", lambda g, t: ["--backend", "ort", "--model",
-                                  str(_copy_export(g, t, "model_kv.onnx", b"not onnx" * 99, True))],
+                                  str(_copy_export(g, t, "onnx/model.onnx", b"not onnx" * 99, True))],
         2, "cannot load ONNX file"),
     "generate: ONNX file tampered": (
         "generate", lambda g, t: ["--backend", "ort", "--model",
-                                  str(_copy_export(g, t, "model_kv.onnx", b"", False))],
+                                  str(_copy_export(g, t, "onnx/model.onnx", b"", False))],
         2, "SHA-256 mismatch"),
     "generate: TorchScript file corrupt (manifest fixed up)": (
         "generate", lambda g, t: ["--backend", "torchscript", "--model",

@@ -53,23 +53,29 @@ def eager_kv(model, ids, past, mask):
 
 
 def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model):
-    names = {"model.onnx", "model_kv.onnx", "model.ts", "model_kv.ts", "model.int8.onnx",
-             "model_kv.int8.onnx", "manifest.json"}
+    names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "model.int8.onnx", "manifest.json"}
     assert {p.name for p in export_dir.iterdir()} == names
+    companions = {"config.json", "generation_config.json", "genai_config.json", "vocab.json",
+                  "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in (export_dir / "onnx").iterdir()} == {"model.onnx", "model.int8.onnx",
+                                                                 *companions}
     assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".export")]
     m = Manifest.read(export_dir)
     assert m.config == tiny_model.config
     assert (m.data["tokenizer"], m.data["step"], m.data["source_checkpoint"]) == ("gpt2", 0, tiny_ckpt)
     assert m.data["opset"] == 18
     assert set(m.data["versions"]) == {"torch", "onnx", "onnxruntime", "slm_export"}
-    assert m.file("onnx_kv") == export_dir / "model_kv.onnx"
+    assert m.file("onnx_kv") == export_dir / "onnx" / "model.onnx"
     assert m.file("torchscript_kv") == export_dir / "model_kv.ts"
-    assert m.file("onnx_kv", "int8") == export_dir / "model_kv.int8.onnx"
+    assert m.file("onnx_kv", "int8") == export_dir / "onnx" / "model.int8.onnx"
+    assert {n for n, e in m.files.items() if e["kind"] == "onnx_config"} == {
+        f"onnx/{n}" for n in companions}
     with pytest.raises(SlmError, match="no onnx file in fp16"):
         m.file("onnx", "fp16")
     checks = m.data["verification"]
-    for name in ("model.onnx", "model_kv.onnx", "model.ts", "model_kv.ts"):
+    for name in ("model.onnx", "onnx/model.onnx", "model.ts", "model_kv.ts"):
         assert 0 <= checks[name]["max_abs_diff"] <= 1e-4 and checks[name]["shapes"] >= 8
+    assert checks["onnx/"] == {"layers": 4, "texts": 12, "tokens": 1175}
     assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": ["ort", "torchscript"]}
     # The tied embedding / lm_head matrix is stored once.
     big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
@@ -94,7 +100,7 @@ def test_torchscript_alone_on_every_length(export_dir, tiny_model):
 def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
     """The files on their own, fed by name (ONNX, as other tools feed them) and by position
     (TorchScript), without logits_to_keep (ONNX: every position) and with it."""
-    sess = cpu_session(export_dir / "model_kv.onnx")
+    sess = cpu_session(export_dir / "onnx" / "model.onnx")
     ts, meta = jit_load(export_dir / "model_kv.ts")
     assert meta["kind"] == "torchscript_kv"
     B, T = 3, 5
@@ -130,7 +136,7 @@ def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in values}
 
-    kv = onnx.load(str(export_dir / "model_kv.onnx"))
+    kv = onnx.load(str(export_dir / "onnx" / "model.onnx"))
     past = {name: ["batch", 4, "past_sequence", 32] for name in kv_layout.past_names(4)}
     assert axes(kv.graph.input) == {
         "input_ids": ["batch", "sequence"],
@@ -154,8 +160,8 @@ def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
 
 def test_int8_variant_runs_and_records_its_quality(export_dir, tiny_model):
     m = Manifest.read(export_dir)
-    assert m.files["model_kv.int8.onnx"]["dtype"] == "int8"
-    assert m.files["model_kv.int8.onnx"]["bytes"] < m.files["model_kv.onnx"]["bytes"] / 1.5
+    assert m.files["onnx/model.int8.onnx"]["dtype"] == "int8"
+    assert m.files["onnx/model.int8.onnx"]["bytes"] < m.files["onnx/model.onnx"]["bytes"] / 1.5
     r = m.data["verification"]["int8"]
     assert math.isfinite(r["loss_delta"]) and r["loss_delta"] == r["loss"] - r["loss_fp32"]
     assert r["providers"] == ["CPUExecutionProvider"] and r["tokens"] == 4 * 128

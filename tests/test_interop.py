@@ -1,15 +1,19 @@
-"""Other tools open our hf/ export unchanged: transformers (AutoTokenizer, pipeline),
-tiktoken's own GPT-2 loader, the `tokenizers` library, CTranslate2. Every claim runs the
-real client on a real export; nothing is mocked."""
+"""Other tools open our exports unchanged: transformers (AutoTokenizer, pipeline),
+tiktoken's own GPT-2 loader, the `tokenizers` library, CTranslate2 (hf/); optimum and
+onnxruntime-genai (onnx/, in an environment of their own). Every claim runs the real client
+on a real export; nothing is mocked."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,9 @@ import pytest
 import torch
 from test_generate_cli import scripted_model
 
+from slm_export.artifacts.manifest import Manifest
 from slm_export.errors import SlmError
-from slm_export.export import build, hf
+from slm_export.export import build, hf, onnx_folder
 from slm_export.runtime import GREEDY, backend_for_model, generate
 from slm_export.stories import story
 from slm_export.tokenizer import EOT_ID, decode, encode, get_encoding, mergeable_ranks
@@ -236,3 +241,163 @@ def test_ctranslate2_converts_and_generates_our_tokens(export, tmp_path):
     with torch.no_grad():
         want = model.lm_head(model.hidden_states(ids))
     assert (torch.from_numpy(logits) - want).abs().max() <= 1e-4
+
+
+# -- onnx/: optimum and onnxruntime-genai ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# What tests/helpers/onnx_clients.py runs on, pinned: the versions the README names. They
+# live in an environment of their own: both need the CPU `onnxruntime` wheel, which would
+# overwrite the `onnxruntime` module of our onnxruntime-gpu, and optimum-onnx 0.1 wants
+# transformers < 4.58.
+CLIENTS = ("optimum-onnx[onnxruntime]==0.1.0", "optimum==2.1.0", "onnxruntime==1.32.0",
+           "onnxruntime-genai==0.18.0", "transformers==4.57.6")
+NEW_TOKENS = 40  # every row of the script ends (eos) before that
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    """An onnx export of the model the hf fixture exports, and our greedy continuations of
+    PROMPTS (verification is tests/test_export.py's business; here the clients' results count)."""
+    pad = len(encode(PROMPTS[0])) - 1
+    model = live_scripted_model([0] * pad + encode(SCRIPT_TEXT) + [EOT_ID])
+    out = tmp_path_factory.mktemp("interop_onnx") / "export"
+    return model, build(model, out, formats=["onnx"], verify=False), ours(model, PROMPTS, NEW_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def client_python() -> Path:
+    """The python of an environment with the ONNX clients, built once (~1 minute) under
+    artifacts/interop-env (or $SLM_INTEROP_ENV) and reused while the pins stay the same.
+    Skips, saying why, only when pip cannot download the clients (no network)."""
+    env = Path(os.environ.get("SLM_INTEROP_ENV") or ROOT / "artifacts" / "interop-env").absolute()
+    pins = [*CLIENTS, f"torch=={torch.__version__}"]  # optimum needs torch: the wheel we have
+    stamp = "slm-interop-pins.json"
+    if (env / stamp).is_file() and json.loads((env / stamp).read_text()) == pins:
+        return env / "bin" / "python"
+    staging = env.with_name(f".{env.name}.build{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    env.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, capture_output=True)
+        # --no-compile: byte-compiling all of torch doubled the build; imports compile what they use
+        r = subprocess.run([str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                            "--disable-pip-version-check", "--no-compile", *pins],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode:
+            pip_failed(r.stderr or r.stdout, pins)
+        (staging / stamp).write_text(json.dumps(pins))
+        shutil.rmtree(env, ignore_errors=True)
+        os.replace(staging, env)  # a venv runs from anywhere through its bin/python
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return env / "bin" / "python"
+
+
+def pip_failed(output: str, pins: list[str]):
+    """Skip when pip cannot reach the index (a download of one client fails too); else fail."""
+    last = (output.strip().splitlines() or ["(no output)"])[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                "--dest", tmp, CLIENTS[3]], capture_output=True, timeout=600)
+    if probe.returncode:
+        pytest.skip(f"pip cannot download the ONNX clients (no network?): {last}")
+    pytest.fail(f"pip install {' '.join(pins)} failed: {output[-3000:]}")
+
+
+def run_client(python: Path, client: str, folder: Path, out: Path) -> dict:
+    """tests/helpers/onnx_clients.py in the client environment -> its result.json."""
+    out.mkdir()
+    r = subprocess.run([str(python), str(ROOT / "tests" / "helpers" / "onnx_clients.py"), client,
+                        str(folder), str(out), str(NEW_TOKENS), *PROMPTS],
+                       capture_output=True, text=True, timeout=600, cwd=out,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def assert_untouched(manifest: Manifest) -> None:
+    """The export folder holds exactly its manifest's files, unchanged (hashes checked)."""
+    Manifest.read(manifest.folder)
+    files = {p.relative_to(manifest.folder).as_posix() for p in manifest.folder.rglob("*")
+             if p.is_file()}
+    assert files == {*manifest.files, "manifest.json"}
+
+
+def assert_our_greedy(model, want: list[list[int]], result: dict, out: Path) -> None:
+    """The client's prompt ids are ours; each row (alone and in the padded batch) continues
+    with our greedy tokens ``want`` and then eos, each chosen from our logits (within 1e-4)."""
+    assert result["prompt_ids"] == [encode(p) for p in PROMPTS]
+    for r, (prompt, row) in enumerate(zip(PROMPTS, want, strict=True)):
+        steps, ids = len(row) + 1, torch.tensor([encode(prompt) + row])
+        with torch.no_grad():
+            logits = model.lm_head(model._hidden(ids, torch.arange(ids.size(1))))[0]
+        logits = logits[len(encode(prompt)) - 1:]  # (steps, vocab): what each new token came from
+        for mode in ("single", "batch"):
+            assert result[mode][r][:steps] == row + [EOT_ID], (mode, r)
+            got = torch.from_numpy(np.load(out / f"{mode}_{r}.npy")[:steps])
+            diff = (got - logits).abs().max().item()
+            assert diff <= 1e-4, (mode, r, diff)
+
+
+def test_onnx_folder_holds_what_the_clients_read(onnx_export, export):
+    """onnx/: the cache graph as model.onnx, hf/'s config and tokenizer bytes, genai_config.json."""
+    manifest = onnx_export[1]
+    folder = manifest.folder / onnx_folder.FOLDER
+    companions = {"config.json", "generation_config.json", "genai_config.json", *TOKENIZER_FILES}
+    assert {p.name for p in folder.iterdir()} == {"model.onnx", *companions}
+    assert manifest.file("onnx_kv") == folder / "model.onnx"
+    assert {n for n, e in manifest.files.items() if e["kind"] == "onnx_config"} == {
+        f"onnx/{n}" for n in companions}
+    for name in companions - {"genai_config.json"}:  # hf.py's writers: the same bytes as hf/
+        assert (folder / name).read_bytes() == (hf_folder(export) / name).read_bytes(), name
+    genai = json.loads((folder / "genai_config.json").read_text())
+    assert genai["model"]["type"] == "decoder" and genai["model"]["context_length"] == 128
+    assert genai["model"]["decoder"]["filename"] == "model.onnx"
+    assert genai["search"]["do_sample"] is False and genai["search"]["max_length"] == 128
+    assert onnx_folder.verify(manifest) == {"layers": 4, "texts": 12, "tokens": 1175}
+
+
+def test_a_wrong_onnx_folder_file_fails_verification(onnx_export, tmp_path):
+    """onnx_folder.verify (run by every onnx export) catches a genai_config.json that names
+    an input the graph lacks or a wrong head size, and a tokenizer.json without one merge."""
+    broken = tmp_path / "export"
+    shutil.copytree(onnx_export[1].folder, broken)
+    genai_path = broken / "onnx" / "genai_config.json"
+    good = json.loads(genai_path.read_text())
+    spoiled = (
+        (lambda d: d["inputs"].update(past_key_names="past_%d"), r"feeds \['past_0', 'past_1', 'past_2'\]"),
+        (lambda d: d.update(head_size=64), r"present\.\d\.\w+ is \['batch', 4, 'total_sequence', 32\]"),
+        (lambda d: d.update(filename="model.int8.onnx"), "decoder filename 'model.int8.onnx' is not"))
+    for spoil, error in spoiled:
+        bad = copy.deepcopy(good)
+        spoil(bad["model"]["decoder"])
+        genai_path.write_text(json.dumps(bad))
+        with pytest.raises(SlmError, match=error):
+            onnx_folder.verify(Manifest.read(broken, verify_hashes=False))
+    genai_path.write_text(json.dumps(good))
+    tok_path = broken / "onnx" / "tokenizer.json"
+    data = json.loads(tok_path.read_text())
+    data["model"]["merges"].remove(["Ġt", "he"])
+    tok_path.write_text(json.dumps(data))
+    with pytest.raises(SlmError, match="onnx/tokenizer.json: tokenizers ids differ from ours"):
+        onnx_folder.verify(Manifest.read(broken, verify_hashes=False))
+
+
+def test_optimum_generates_our_tokens(client_python, onnx_export, tmp_path):
+    """`ORTModelForCausalLM.from_pretrained("export/onnx")` + `generate(do_sample=False)`,
+    each prompt alone and as one left-padded batch, with AutoTokenizer on the same folder."""
+    model, manifest, want = onnx_export
+    result = run_client(client_python, "optimum", manifest.folder / "onnx", tmp_path / "out")
+    assert_our_greedy(model, want, result, tmp_path / "out")
+    assert_untouched(manifest)
+
+
+def test_onnxruntime_genai_generates_our_tokens(client_python, onnx_export, tmp_path):
+    """`onnxruntime_genai.Model("export/onnx")` + its Tokenizer and Generator, greedy, each
+    prompt alone and as one padded batch. The logits check matters: with past_key_names and
+    past_value_names swapped in genai_config.json the scripted tokens still came out right."""
+    model, manifest, want = onnx_export
+    result = run_client(client_python, "genai", manifest.folder / "onnx", tmp_path / "out")
+    assert_our_greedy(model, want, result, tmp_path / "out")
+    assert_untouched(manifest)

@@ -359,8 +359,8 @@ def test_tampered_export_is_refused(tmp_path, export_dir):
 
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
-    data = bytearray((copy / "model_kv.onnx").read_bytes())
+    data = bytearray((copy / "onnx/model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "model_kv.onnx").write_bytes(bytes(data))
+    (copy / "onnx/model.onnx").write_bytes(bytes(data))
     with pytest.raises(SlmError, match="SHA-256|manifest"):
         load_backend("ort", copy)

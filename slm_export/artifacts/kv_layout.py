@@ -1,7 +1,7 @@
 """The cache-graph signature every exported KV file shares (ONNX and TorchScript).
 
 The layout optimum, onnxruntime-genai and transformers.js use for decoder-only models, so
-other tools open our ``model_kv.onnx`` unchanged:
+other tools open our ONNX cache graph (``onnx/model.onnx``) unchanged:
 
 - inputs: ``input_ids`` [batch, sequence] int64; ``attention_mask`` [batch, past_sequence +
   sequence] int64 (0 = left padding); ``position_ids`` [batch, sequence] int64;
@@ -20,14 +20,17 @@ from __future__ import annotations
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LOGITS_TO_KEEP = "logits_to_keep"
+# Per-layer names, %d = the layer (the form onnxruntime-genai's genai_config.json takes).
+PAST = ("past_key_values.%d.key", "past_key_values.%d.value")
+PRESENT = ("present.%d.key", "present.%d.value")
 
 
 def past_names(n_layer: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return [name % i for i in range(n_layer) for name in PAST]
 
 
 def present_names(n_layer: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return [name % i for i in range(n_layer) for name in PRESENT]
 
 
 def input_names(n_layer: int) -> list[str]:

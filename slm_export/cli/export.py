@@ -25,10 +25,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 also writes model.fp16.onnx / model_kv.fp16.onnx (fp32 IO)")
+                   help="fp16 also writes model.fp16.onnx / onnx/model.fp16.onnx (fp32 logits)")
     p.add_argument("--quantize", choices=["int8", "int4"], action="append", default=[],
-                   help="also write model.<q>.onnx / model_kv.<q>.onnx: int8 = dynamic quantization "
-                        "(weights and activations), int4 = 4-bit weights (MatMulNBits); repeatable")
+                   help="also write model.<q>.onnx / onnx/model.<q>.onnx: int8 = dynamic "
+                        "quantization (weights and activations), int4 = 4-bit weights "
+                        "(MatMulNBits); repeatable")
     p.add_argument("--verify", action="store_true", default=True,
                    help="check every file against eager PyTorch (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false")

@@ -2,9 +2,9 @@
 
 One call does it all: ``build(checkpoint_or_model, out_dir, formats=..., variants=...,
 verify=True) -> Manifest`` (``pipeline.py``). Beside it: ``signatures.py`` (the two
-exported signatures), ``torchscript.py`` / ``onnx.py`` / ``hf.py`` (the writers) and
-``verify.py`` (checks through the runtime). Reading an export back is the artifacts
-layer's and the runtime's business, never this package's.
+exported signatures), ``torchscript.py`` / ``onnx.py`` / ``onnx_folder.py`` / ``hf.py`` (the
+writers) and ``verify.py`` (checks through the runtime). Reading an export back is the
+artifacts layer's and the runtime's business, never this package's.
 """
 
 from slm_export.export.pipeline import DEFAULT_GATES, FORMATS, VARIANTS, build, check_request

@@ -9,14 +9,17 @@ tokenizer uses (each merge recovered from the ranks by ``tokenizer.bpe_merges``)
 byte for byte as OpenAI's GPT-2 ``encoder.json`` and ``vocab.bpe``; ``tokenizer.json`` is the
 same BPE for the ``tokenizers`` library. Every export checks that ``AutoTokenizer`` gives
 our ids (``verify_tokenizer``).
-Needs the optional ``transformers`` and ``safetensors`` packages (``pip install .[hf]``).
+The hf/ folder needs the optional ``transformers`` and ``safetensors`` packages (``pip install
+.[hf]``); the config and tokenizer writers (``metadata_files``, also used for onnx/) need only
+``tokenizers``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -105,7 +108,12 @@ def byte_to_unicode() -> dict[int, str]:
 
 def tokenizer_files(block_size: int) -> dict[str, bytes]:
     """vocab.json, merges.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
-    of our GPT-2 encoding, as transformers' GPT-2 tokenizer reads them."""
+    of our GPT-2 encoding, as transformers' GPT-2 tokenizer reads them. Needs ``tokenizers``."""
+    return dict(_tokenizer_files(block_size))
+
+
+@functools.lru_cache(maxsize=2)  # ~1 s to recover the merges; hf/ and onnx/ share the bytes
+def _tokenizer_files(block_size: int) -> tuple[tuple[str, bytes], ...]:
     ranks = mergeable_ranks()
     char = byte_to_unicode()
 
@@ -125,13 +133,13 @@ def tokenizer_files(block_size: int) -> dict[str, bytes]:
             "content": EOT_TOKEN, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": True}},
     }
-    return {  # vocab.json and merges.txt byte for byte as OpenAI's encoder.json and vocab.bpe
-        "vocab.json": json.dumps(vocab).encode(),
-        "merges.txt": "\n".join(["#version: 0.2", *(f"{a} {b}" for a, b in merges)]).encode() + b"\n",
-        "tokenizer.json": _tokenizer_json(vocab, merges),
-        "tokenizer_config.json": _json(config),
-        "special_tokens_map.json": _json(special),
-    }
+    return (  # vocab.json and merges.txt byte for byte as OpenAI's encoder.json and vocab.bpe
+        ("vocab.json", json.dumps(vocab).encode()),
+        ("merges.txt", "\n".join(["#version: 0.2", *(f"{a} {b}" for a, b in merges)]).encode() + b"\n"),
+        ("tokenizer.json", _tokenizer_json(vocab, merges)),
+        ("tokenizer_config.json", to_json(config)),
+        ("special_tokens_map.json", to_json(special)),
+    )
 
 
 def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> bytes:
@@ -147,8 +155,25 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> byt
     return tok.to_str().encode()
 
 
-def _json(obj) -> bytes:
+def to_json(obj) -> bytes:
+    """The bytes of every JSON file written here: indented, UTF-8, a final newline."""
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def metadata_files(config) -> dict[str, bytes]:
+    """Everything of a Hugging Face folder but the weights: config.json,
+    generation_config.json and the tokenizer files (also written beside the ONNX cache graph)."""
+    return {
+        "config.json": to_json(hf_config(config)),
+        "generation_config.json": to_json(generation_config(config)),
+        **tokenizer_files(config.block_size),
+    }
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Each of ``files`` (name -> bytes) into ``folder``, atomically."""
+    for name, data in files.items():
+        atomic_write(folder / name, lambda f, data=data: f.write(data))
 
 
 def export(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str, str]:
@@ -157,15 +182,9 @@ def export(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str, str]:
     require()
     from safetensors.torch import save
 
-    target = Path(folder) / FOLDER
-    files = {
-        "config.json": _json(hf_config(model.config)),
-        "generation_config.json": _json(generation_config(model.config)),
-        **tokenizer_files(model.config.block_size),
-        WEIGHTS: save(state_dict(model), metadata={"format": "pt"}),
-    }
-    for name, data in files.items():
-        atomic_write(target / name, lambda f, data=data: f.write(data))
+    files = {**metadata_files(model.config),
+             WEIGHTS: save(state_dict(model), metadata={"format": "pt"})}
+    write_files(Path(folder) / FOLDER, files)
     return {f"{FOLDER}/{name}": "hf" if name == WEIGHTS else "hf_config" for name in files}
 
 
@@ -178,25 +197,32 @@ def load(folder: str | os.PathLike):
 
 
 def verify_tokenizer(folder: str | os.PathLike, texts: Sequence[str] | None = None) -> dict:
-    """``AutoTokenizer`` on the hf/ folder against our encoding: the same ids for every text
-    (default: held-out stories and ``TOKENIZER_SAMPLES``) and the same text back.
-    -> {"texts", "tokens"}; raises ``SlmError`` at the first difference. The texts must not
-    contain "<|endoftext|>" (transformers reads it as the special token, ``encode`` as text)."""
+    """``AutoTokenizer`` on the hf/ folder against our encoding (``check_tokenizer``)."""
     require()
     from transformers import AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(str(Path(folder) / FOLDER))
+    return check_tokenizer(f"{FOLDER}/tokenizer.json: AutoTokenizer",  # verbose: stories pass 128
+                           lambda text: tok.encode(text, verbose=False), tok.decode, texts)
+
+
+def check_tokenizer(label: str, encode_other: Callable[[str], list[int]],
+                    decode_other: Callable[[list[int]], str],
+                    texts: Sequence[str] | None = None) -> dict:
+    """Another library's tokenizer against our encoding: the same ids for every text (default:
+    held-out stories and ``TOKENIZER_SAMPLES``) and the same text back. -> {"texts", "tokens"};
+    raises ``SlmError`` starting with ``label`` at the first difference. The texts must not
+    contain "<|endoftext|>" (tokenizer files read it as the special token, ``encode`` as text)."""
     if texts is None:
         texts = [story(i) for i in range(1_000_000, 1_000_008)] + list(TOKENIZER_SAMPLES)
-    tok = AutoTokenizer.from_pretrained(str(Path(folder) / FOLDER))
     tokens = 0
     for text in texts:
-        want, got = encode(text), tok.encode(text, verbose=False)  # stories pass 128 tokens
+        want, got = encode(text), list(encode_other(text))
         if got != want:
             pairs = enumerate(zip(got, want, strict=False))
             at = next((i for i, (a, b) in pairs if a != b), min(len(got), len(want)))
-            raise SlmError(f"{FOLDER}/tokenizer.json: AutoTokenizer ids differ from ours at token {at} "
-                           f"of {text[:40]!r}")
-        if tok.decode(got) != text:
-            raise SlmError(f"{FOLDER}/tokenizer.json: AutoTokenizer does not decode {text[:40]!r} back")
+            raise SlmError(f"{label} ids differ from ours at token {at} of {text[:40]!r}")
+        if decode_other(got) != text:
+            raise SlmError(f"{label} does not decode {text[:40]!r} back")
         tokens += len(want)
     return {"texts": len(texts), "tokens": tokens}

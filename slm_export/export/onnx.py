@@ -1,5 +1,6 @@
-"""ONNX export: ``model.onnx`` (all-position logits), ``model_kv.onnx`` (cache path), and the
-int8 / fp16 variants.
+"""ONNX export: ``model.onnx`` (all-position logits), ``onnx/model.onnx`` (the cache graph,
+beside the files optimum and onnxruntime-genai read: ``export/onnx_folder.py``), and the
+int8 / fp16 variants of both (``model.<dtype>.onnx``).
 
 Exporter: the dynamo one (``torch.onnx.export(..., dynamo=True)``, via torch.export and
 onnxscript), not the legacy TorchScript-based one. Why:
@@ -34,10 +35,12 @@ from slm_export.artifacts import kv_layout
 from slm_export.artifacts.files import atomic_write
 from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
+from slm_export.export import onnx_folder
 from slm_export.export.signatures import KVModule, LogitsModule, kv_inputs, logits_inputs
 
 DEFAULT_OPSET = 18  # LayerNormalization needs 17; 18 is the dynamo exporter's floor
 MIN_OPSET = 18
+GRAPHS = {"onnx": "model.onnx", "onnx_kv": f"{onnx_folder.FOLDER}/{onnx_folder.CACHE_GRAPH}"}
 
 LOGITS_IO = {
     "inputs": {"input_ids": {0: "batch", 1: "sequence"}},
@@ -142,12 +145,13 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, metadata: dict[str, st
 
 def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.PathLike,
            opset: int = DEFAULT_OPSET) -> dict[str, str]:
-    """Write model.onnx and model_kv.onnx (fp32) into ``folder``; -> {file name: kind}."""
+    """Write the fp32 graphs (``GRAPHS``) and the onnx/ folder's config and tokenizer files
+    into ``folder``; -> {file name: kind}."""
     check_opset(opset)
     folder = Path(folder)
     full = _export(LogitsModule(model), logits_inputs(model.config), LOGITS_IO,
                    {"input_ids": _dynamic(LOGITS_IO["inputs"]["input_ids"])}, opset)
-    save(full, folder / "model.onnx", provenance.file_metadata("onnx"))
+    save(full, folder / GRAPHS["onnx"], provenance.file_metadata("onnx"))
     io = kv_io(model.config.n_layer)
     axes = io["inputs"]
     dynamic = {name: _dynamic(axes[name]) for name in kv_layout.TOKEN_INPUTS}
@@ -156,8 +160,9 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
     dynamic["logits_to_keep"] = None
     kv = _export(KVModule(model), kv_inputs(model.config), io, dynamic, opset)
     _default_logits_to_keep(kv)
-    save(kv, folder / "model_kv.onnx", provenance.file_metadata("onnx_kv"))
-    return {"model.onnx": "onnx", "model_kv.onnx": "onnx_kv"}
+    save(kv, folder / GRAPHS["onnx_kv"], provenance.file_metadata("onnx_kv"))
+    return {**{name: kind for kind, name in GRAPHS.items()},
+            **onnx_folder.write(model.config, folder)}
 
 
 def _rewrite(src: Path, dst: Path, provenance: Provenance, kind: str, dtype: str,
@@ -281,15 +286,19 @@ INT4_BLOCK = 32
 VARIANTS = {"int8": _int8, "int4": _int4, "fp16": _fp16}
 
 
+def variant_name(name: str, dtype: str) -> str:
+    """model.onnx -> model.int8.onnx (in the same folder)."""
+    return name.removesuffix(".onnx") + f".{dtype}.onnx"
+
+
 def export_variant(folder: str | os.PathLike, provenance: Provenance,
                    dtype: str) -> dict[str, str]:
-    """From the fp32 files in ``folder``, write model.<dtype>.onnx and model_kv.<dtype>.onnx."""
+    """From the fp32 graphs in ``folder``, write their <dtype> variants beside them."""
     folder = Path(folder)
     written = {}
-    for name, kind in (("model", "onnx"), ("model_kv", "onnx_kv")):
-        target = f"{name}.{dtype}.onnx"
-        _rewrite(folder / f"{name}.onnx", folder / target, provenance, kind, dtype,
-                 VARIANTS[dtype])
+    for kind, name in GRAPHS.items():
+        target = variant_name(name, dtype)
+        _rewrite(folder / name, folder / target, provenance, kind, dtype, VARIANTS[dtype])
         written[target] = kind
     return written
 

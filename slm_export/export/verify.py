@@ -3,6 +3,8 @@
 - Full-sequence files (``model.onnx``, ``model.ts``, ``hf/``) are opened with the artifacts
   loaders and compared logit for logit with the all-position forward on a grid of shapes;
   ``hf/``'s tokenizer, opened by ``AutoTokenizer``, must give our ids on held-out stories.
+- ``onnx/``'s configs must describe the cache graph beside them (names, sizes), and its
+  tokenizer, opened by ``tokenizers``, must give our ids (``onnx_folder.verify``).
 - Cache files are opened the way the runtime serves them (``runtime.load_backend`` on the
   folder) and driven through the Backend contract (``prefill`` / ``decode``) beside the
   eager backend, then through the one generation loop (``runtime.generate``): what ships is
@@ -27,6 +29,7 @@ from torch.nn import functional as F
 from slm_export.artifacts.loaders import load_torchscript, ort_session
 from slm_export.artifacts.manifest import Manifest
 from slm_export.errors import SlmError, first_line
+from slm_export.export import onnx_folder
 from slm_export.export.signatures import LogitsModule
 from slm_export.runtime import GREEDY, Backend, backend_for_model, generate, load_backend
 
@@ -259,7 +262,8 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
     for kind, name in SERVED_KINDS.items():
         if manifest.has(kind):
             served[name] = load_backend(name, folder, device)
-            results[manifest.file(kind).name] = compare_backend(eager, served[name], name)
+            label = manifest.file(kind).relative_to(folder).as_posix()
+            results[label] = compare_backend(eager, served[name], name)
     for name, r in results.items():
         report(f"verified {name} on {r['shapes']} shapes: max |diff| vs eager {r['max_abs_diff']:.2g}")
     if manifest.has("hf"):
@@ -268,6 +272,11 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
         results["hf/tokenizer.json"] = r = hf.verify_tokenizer(folder)
         report(f"verified hf/tokenizer.json: AutoTokenizer gives our ids on {r['tokens']} tokens "
                f"of {r['texts']} texts and decodes them back")
+    if manifest.has(onnx_folder.KIND):
+        results[f"{onnx_folder.FOLDER}/"] = r = onnx_folder.verify(manifest)
+        report(f"verified {onnx_folder.FOLDER}/: {onnx_folder.GENAI_CONFIG} and config.json match "
+               f"the cache graph's {r['layers']} layers; tokenizer.json gives our ids on "
+               f"{r['tokens']} tokens")
     if served:
         results["generation"] = compare_generation(eager, served, generation_prompts(model.config))
         report(f"greedy {GENERATION_TOKENS}-token continuations of a padded batch identical: "

@@ -1,4 +1,4 @@
-"""ort: ONNX Runtime on the exported ``model_kv.onnx`` (or its int8 / fp16 variant).
+"""ort: ONNX Runtime on the exported cache graph ``onnx/model.onnx`` (or its int8 / fp16 variant).
 
 The graph's signature is ``artifacts/kv_layout.py`` (per-layer past / present, position ids,
 ``logits_to_keep``). Every call goes through IO binding on every device: inputs and outputs
