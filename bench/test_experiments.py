@@ -13,10 +13,12 @@ import contextlib
 import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from slm_export import benchmark as bm
+from slm_export.artifacts import kv_layout
 from slm_export.runtime import GREEDY, generate
 from slm_export.runtime.base import State
 
@@ -77,7 +79,41 @@ def _torchscript_no_profiling(bench):
         contextlib.nullcontext()
 
 
-EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "jit-optimize-off": _torchscript_no_profiling}
+class SessionRunOrt:
+    """The ort backend without IO binding: numpy feeds by name through ``session.run`` (ORT
+    copies every output, the whole cache included, into new arrays): the baseline the IO
+    binding on every device is measured against."""
+
+    name = "ort"
+
+    def __init__(self, backend):
+        self.inner, self.config, self.device = backend, backend.config, backend.device
+
+    def _run(self, ids, past, mask, pos, keep=1):
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.contiguous().numpy(),
+                 "position_ids": pos.contiguous().numpy(), "logits_to_keep": np.array(keep),
+                 **{name: t.numpy() for name, t in
+                    zip(kv_layout.past_names(self.config.n_layer), past, strict=True)}}
+        logits, *present = self.inner.session.run(None, feeds)
+        return torch.from_numpy(logits).float(), tuple(torch.from_numpy(t) for t in present)
+
+    def prefill(self, ids, attention_mask=None):
+        self.inner._run = self._run
+        return self.inner.prefill(ids, attention_mask)
+
+    def decode(self, tokens, state):
+        return self.inner.decode(tokens, state)
+
+
+def _ort_session_run(bench):
+    from slm_export.runtime import load_backend
+
+    backend = load_backend("ort", bench.model_dir, bench.device, threads=bench.threads)
+    return "ort", SessionRunOrt(backend), contextlib.nullcontext()
+
+
+EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "jit-optimize-off": _torchscript_no_profiling,
+               "ort-session-run": _ort_session_run}
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))

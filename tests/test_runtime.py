@@ -52,7 +52,7 @@ def export_dir(tmp_path_factory, tiny_ckpt):
     from slm_export.export import build
 
     folder = tmp_path_factory.mktemp("run") / "export"
-    build(tiny_ckpt, folder, variants=("int8", "fp16"), verify=False)
+    build(tiny_ckpt, folder, variants=("int8", "int4", "fp16"), verify=False)
     return folder
 
 
@@ -180,7 +180,7 @@ class SessionRun:
         return logits, State(state.length + 1, (present, mask))
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "fp16"])
 def test_io_binding_matches_session_run(variant, export_dir, prompt_ids):
     """The IO-binding path (the same lines that run on CUDA) against plain session.run on
     the same session: a ragged batch, a single row, across a rebase."""
