@@ -20,6 +20,7 @@ must give eager's greedy tokens, the reduced-precision variants its top-1 choice
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -41,6 +42,8 @@ CASES = [("naive", "fp32"), ("eager", "fp32"), ("compiled", "fp32"), ("torchscri
 CUDA_EXCLUDED = {("ort", "int8")}  # dynamic int8 has no CUDA kernels: refused there by design
 TRAIN_STEPS = {"30m": 300, "tiny": 150}
 VARIANTS = ("int8", "int4", "fp16")
+# hf/ too where transformers is installed: other engines' converters read it (--bench-engines)
+FORMATS = ("onnx", "torchscript", *(["hf"] if importlib.util.find_spec("transformers") else []))
 
 
 def pytest_addoption(parser):
@@ -64,6 +67,8 @@ def pytest_addoption(parser):
                 help="fewer scenarios and rounds: a smoke run that prints the table")
     g.addoption("--bench-experiments", action="store_true",
                 help="also measure candidate backend speed-ups (bench/test_experiments.py)")
+    g.addoption("--bench-engines", action="store_true",
+                help="also time other engines on our weights: CTranslate2 (bench/test_engines.py)")
     g.addoption("--bench-refresh", action="store_true", help="train and export the cached model again")
     g.addoption("--bench-results", default=str(ARTIFACTS / "results.json"),
                 help="where to write the results JSON")
@@ -165,7 +170,7 @@ def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"training the bench model failed: {proc.stderr[-1000:]}")
-    build(run_dir / "best.pt", run_dir / "export", variants=VARIANTS)
+    build(run_dir / "best.pt", run_dir / "export", formats=FORMATS, variants=VARIANTS)
     print(f"\nbench: trained {preset} for {steps} steps and exported it to {run_dir} "
           f"in {time.perf_counter() - start:.0f} s")
     return run_dir
