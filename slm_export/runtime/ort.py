@@ -33,16 +33,16 @@ from slm_export.artifacts.loaders import (
 )
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError
-from slm_export.model import empty_kv, positions_from_mask
-from slm_export.runtime.base import State, check_prefill, check_rewind, decode_rows, window_mask
+from slm_export.runtime.graph import GraphBackend
 
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
              "tensor(int64)": torch.int64}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
-class OrtBackend:
+class OrtBackend(GraphBackend):
     name = "ort"
+    dense_cache = True  # bound by pointer
 
     def __init__(self, path: str | os.PathLike, config: GPTConfig,
                  device: torch.device | str = "cpu", threads: int | None = None):
@@ -101,7 +101,7 @@ class OrtBackend:
         if missing:
             raise SlmError(f"{path} is not a cache graph of this layout (no {sorted(missing)[0]}; "
                            "files from slm-export < 0.2 need a re-export)")
-        self._kv_dtype = ORT_TYPES[types["past_key_values.0.key"]]
+        self.kv_dtype = ORT_TYPES[types["past_key_values.0.key"]]
         self._logits_dtype = ORT_TYPES[types["logits"]]
 
     def _bind(self, name: str, t: torch.Tensor, output: bool = False, where=None) -> None:
@@ -118,7 +118,7 @@ class OrtBackend:
         B, T = ids.shape
         total = past[0].size(2) + T
         logits = torch.empty(B, keep, c.vocab_size, dtype=self._logits_dtype, device=self.device)
-        present = [torch.empty(B, c.n_head, total, c.head_dim, dtype=self._kv_dtype,
+        present = [torch.empty(B, c.n_head, total, c.head_dim, dtype=self.kv_dtype,
                                device=self.device) for _ in past]
         tokens = [t.contiguous() for t in (ids, mask, pos)]  # alive until the run: bound by pointer
         for name, t in zip(kv_layout.TOKEN_INPUTS, tokens, strict=True):
@@ -133,30 +133,3 @@ class OrtBackend:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(self._binding)
         return logits.float(), tuple(present)
-
-    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        check_prefill(ids, self.config.block_size)
-        B, T = ids.shape
-        mask = window_mask(attention_mask, B, self.config.block_size, self.device, always=True)
-        pos = positions_from_mask(mask)
-        past = empty_kv(self.config, B, self.device, self._kv_dtype)
-        logits, present = self._run(ids.to(self.device), past, mask[:, :T], pos[:, :T])
-        return logits[:, -1], State(T, (present, mask, pos))
-
-    def score(self, tokens: torch.Tensor, state: State, keep: int | None = None):
-        rows = decode_rows(tokens, state, self.config.block_size)
-        past, mask, pos = state.cache
-        start, n = state.length, state.length + rows.size(1)
-        logits, present = self._run(rows.to(self.device), past, mask[:, :n], pos[:, start:n],
-                                    rows.size(1) if keep is None else keep)
-        return logits, State(n, (present, mask, pos))
-
-    def decode(self, tokens: torch.Tensor, state: State):
-        logits, state = self.score(tokens, state, keep=1)
-        return logits[:, -1], state
-
-    def rewind(self, state: State, length: int) -> State:
-        check_rewind(state, length)
-        past, mask, pos = state.cache
-        # ORT binds dense buffers by pointer: a sliced cache is copied into one
-        return State(length, (tuple(t[:, :, :length].contiguous() for t in past), mask, pos))
