@@ -162,7 +162,7 @@ class GPT(nn.Module):
         """The final LayerNorm's output (B, T, C) for idx (B, T): what ``lm_head`` turns into
         logits (the chunked training loss and the full-sequence export start here)."""
         T = idx.size(1)
-        if T > self.config.block_size:
+        if not torch.jit.is_tracing() and T > self.config.block_size:  # a trace keeps T symbolic
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         return self._hidden(idx, positions(idx, 0, T))
 
