@@ -266,6 +266,24 @@ def test_compiled_serves_one_live_generation_per_batch_size(backends, prompt_ids
         backend.decode(torch.tensor([13, 13]), other)
 
 
+def test_compiled_serves_more_batch_sizes_than_dynamos_default_limit():
+    """dynamo's graphs are kept per function for the whole process and ``fullgraph=True``
+    turns its recompile limit (8 by default) into a hard error: a server using nine batch
+    sizes, or a test session with many models, used to fail. With the limit lowered to 1 for
+    this test, two batch sizes through one backend still run (the backend raises it)."""
+    from slm_export.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    backend = backend_for_model("compiled", model)
+    eager = backend_for_model("eager", model)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for rows in (1, 2):
+            out = generate(backend, prompts[:rows], max_new_tokens=3, sampling=GREEDY, stop_id=None)
+            want = generate(eager, prompts[:rows], max_new_tokens=3, sampling=GREEDY, stop_id=None)
+            assert out.tokens == want.tokens
+
+
 # -- the loop: ragged batches, overflow, cropping, stop token ---------------------------------
 def test_ragged_batch_equals_each_prompt_alone(backends, prompt_ids, eager_greedy):
     for ids, batched in zip(prompt_ids, eager_greedy.tokens, strict=True):

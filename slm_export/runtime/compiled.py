@@ -22,10 +22,16 @@ import contextlib
 import itertools
 
 import torch
+import torch._dynamo.config
 import torch._inductor.config
 
 from slm_export.model import GPT
 from slm_export.runtime.base import StaleStateError, State, check_prefill, check_rewind, decode_rows
+
+RECOMPILE_LIMIT = 64  # graphs per compiled function: batch sizes x models in one process
+# torch 2.6 calls the setting cache_size_limit; later versions recompile_limit (an alias).
+_RECOMPILE_LIMIT = ("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+                    else "cache_size_limit")
 
 
 def _prefill_step(model: GPT, idx, input_pos, caches, mask):
@@ -53,16 +59,29 @@ class CompiledBackend:
         self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self._decode = torch.compile(_decode_step, fullgraph=True, mode=mode)
         self._score = torch.compile(_score_step, fullgraph=True)  # compiled at its first use
-        # On CPU, inductor "freezing" folds the inference-only weights into the graph as
-        # constants and pre-packs them for the matmul kernels (+20-45% decode tokens/s on
-        # the 30m model, bench/RESULTS.md). It must be on whenever a call may (re)compile.
-        self._inductor_options = (contextlib.nullcontext if self.device.type == "cuda"
-                                  else lambda: torch._inductor.config.patch(freezing=True))
+        self._freeze = self.device.type != "cuda"
         self._positions = torch.arange(self.config.block_size, device=self.device)
         self._pos1 = torch.zeros(1, dtype=torch.long, device=self.device)
         self._caches: dict[int, torch.nn.ModuleList] = {}  # one static cache per batch size
         self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
         self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def _compiling(self):
+        """The settings every call that may (re)compile runs under.
+
+        - dynamo keeps its compiled graphs per code object, shared by every backend in the
+          process, and recompiles per batch size (and per model): its default limit of 8
+          graphs per function would make the ninth a hard error under ``fullgraph=True``.
+        - on CPU, inductor "freezing" folds the inference-only weights into the graph as
+          constants and pre-packs them for the matmul kernels (+20-45% decode tokens/s on
+          the 30m model, bench/RESULTS.md).
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch._dynamo.config.patch({_RECOMPILE_LIMIT: RECOMPILE_LIMIT}))
+            if self._freeze:
+                stack.enter_context(torch._inductor.config.patch(freezing=True))
+            yield
 
     def _claim(self, B: int) -> tuple[torch.nn.ModuleList, int]:
         """The batch size's static cache, now owned by a new generation."""
@@ -74,7 +93,7 @@ class CompiledBackend:
     def _run(self, rows: torch.Tensor, start: int, caches, mask) -> torch.Tensor:
         """Write ``rows`` (B, K) at positions start.. into ``caches`` -> last logits."""
         K = rows.size(1)
-        with self._inductor_options():
+        with self._compiling():
             if K == 1:
                 self._pos1.fill_(start)
                 return self._decode(self.model, rows, self._pos1, caches, mask)
@@ -113,7 +132,7 @@ class CompiledBackend:
         input_pos = self._positions[state.length:state.length + rows.size(1)]
         torch._dynamo.maybe_mark_dynamic(rows, 1)
         torch._dynamo.maybe_mark_dynamic(input_pos, 0)
-        with self._inductor_options():
+        with self._compiling():
             logits = self._score(self.model, rows, input_pos, caches, mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
