@@ -24,7 +24,7 @@ from slm_export.errors import SlmError, first_line
 FORMAT = "slm-export-export"
 VERSION = 2  # 2: cache graphs in the per-layer layout of kv_layout.py (1: one packed tensor)
 MANIFEST = "manifest.json"
-KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "hf", "hf_config")
+KINDS = ("onnx", "onnx_kv", "torchscript", "torchscript_kv", "aoti_kv", "hf", "hf_config")
 DTYPES = ("fp32", "fp16", "int8")
 
 
