@@ -24,9 +24,10 @@ import torch
 from slm_export import benchmark as bm
 
 ARTIFACTS = Path("artifacts/bench")
-# (backend, variant) in table order; the ort variants run where the export has them.
+# (backend, variant) in table order; the ort variants run where the export has them, aoti
+# where a C++ compiler could build model_kv.pt2.
 CASES = [("naive", "fp32"), ("eager", "fp32"), ("compiled", "fp32"), ("torchscript", "fp32"),
-         ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16")]
+         ("aoti", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16")]
 
 
 def pytest_addoption(parser):
@@ -98,14 +99,21 @@ class Bench:
 _BENCH: Bench | None = None
 
 
+def _formats() -> tuple[str, ...]:
+    from slm_export.export.aoti import compiler_problem
+
+    return ("onnx", "torchscript") + (() if compiler_problem() else ("aoti",))
+
+
 def _export(run_dir: Path, ckpt_path: Path) -> None:
-    """Export ``ckpt_path`` into ``run_dir/export`` (TorchScript, ONNX, int8 and fp16 ONNX),
-    verified, through the same library call export.py makes."""
+    """Export ``ckpt_path`` into ``run_dir/export`` (TorchScript, ONNX, int8 and fp16 ONNX, and
+    the AOTInductor package where it compiles), verified, through the library call export.py
+    makes."""
     from slm_export.export import build
 
     out = run_dir / "export"
     shutil.rmtree(out, ignore_errors=True)  # our own cache: a stale or partial export goes
-    build(ckpt_path, out, variants=("int8", "fp16"))
+    build(ckpt_path, out, formats=_formats(), variants=("int8", "fp16"))
 
 
 def _random_model(preset: str, refresh: bool) -> Path:
@@ -119,8 +127,9 @@ def _random_model(preset: str, refresh: bool) -> Path:
     ckpt_path = run_dir / "best.pt"
     if not refresh and ckpt_path.is_file():
         try:
-            Manifest.read(run_dir / "export", verify_hashes=False)
-            return run_dir
+            manifest = Manifest.read(run_dir / "export", verify_hashes=False)
+            if "aoti" not in _formats() or manifest.has("aoti_kv"):  # else an older cache
+                return run_dir
         except Exception:
             pass  # a partial or stale export: write it again
     config = get_preset(preset)

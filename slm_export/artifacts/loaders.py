@@ -66,8 +66,8 @@ def load_aoti(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise SlmError(f"{path} has no slm-export metadata (model_config)")
     compiled_for = metadata.get("AOTI_DEVICE_KEY", "cpu")
     if compiled_for != device.type:
-        raise WrongDeviceError(f"{path} was compiled for {compiled_for} and cannot run on {device.type}; "
-                       f"export it on a {device.type} machine (export.py --device {device.type})")
+        raise WrongDeviceError(f"{path} was compiled for {compiled_for} and cannot run on "
+                               f"{device.type}; export it with export.py --device {device.type}")
     return model, metadata
 
 
