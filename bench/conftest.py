@@ -36,14 +36,12 @@ from slm_export import benchmark as bm
 
 ARTIFACTS = Path("artifacts/bench")
 REPO = Path(__file__).resolve().parents[1]
-# (backend, variant) in table order.
+# (backend, variant) in table order; aoti where a C++ compiler could build model_kv.pt2.
 CASES = [("naive", "fp32"), ("eager", "fp32"), ("compiled", "fp32"), ("torchscript", "fp32"),
-         ("ort", "fp32"), ("ort", "int8"), ("ort", "int4"), ("ort", "fp16")]
+         ("aoti", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "int4"), ("ort", "fp16")]
 CUDA_EXCLUDED = {("ort", "int8")}  # dynamic int8 has no CUDA kernels: refused there by design
 TRAIN_STEPS = {"30m": 300, "tiny": 150}
 VARIANTS = ("int8", "int4", "fp16")
-# hf/ too where transformers is installed: other engines' converters read it (--bench-engines)
-FORMATS = ("onnx", "torchscript", *(["hf"] if importlib.util.find_spec("transformers") else []))
 
 
 def pytest_addoption(parser):
@@ -146,6 +144,15 @@ class Bench:
 _BENCH: Bench | None = None
 
 
+def _formats() -> tuple[str, ...]:
+    """onnx + torchscript; aoti where a C++ compiler is found; hf/ where transformers is
+    installed (other engines' converters read it: --bench-engines)."""
+    from slm_export.export.aoti import compiler_problem
+
+    return ("onnx", "torchscript", *([] if compiler_problem() else ["aoti"]),
+            *(["hf"] if importlib.util.find_spec("transformers") else []))
+
+
 def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
     """artifacts/bench/model-<preset>-<steps>steps/: the preset trained ``steps`` steps on the embedded
     stories through train.py, exported (TorchScript, ONNX, int8, int4, fp16) and verified; reused
@@ -156,7 +163,9 @@ def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
     run_dir = ARTIFACTS / f"model-{preset}-{steps}steps"
     try:
         manifest = Manifest.read(run_dir / "export", verify_hashes=False)
-        if not refresh and all(manifest.has("onnx_kv", v) for v in VARIANTS):
+        complete = all(manifest.has("onnx_kv", v) for v in VARIANTS) and (
+            "aoti" not in _formats() or manifest.has("aoti_kv"))
+        if not refresh and complete:
             return run_dir
     except Exception:
         pass  # none yet, or a partial or older one: train and export again
@@ -170,7 +179,7 @@ def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"training the bench model failed: {proc.stderr[-1000:]}")
-    build(run_dir / "best.pt", run_dir / "export", formats=FORMATS, variants=VARIANTS)
+    build(run_dir / "best.pt", run_dir / "export", formats=_formats(), variants=VARIANTS)
     print(f"\nbench: trained {preset} for {steps} steps and exported it to {run_dir} "
           f"in {time.perf_counter() - start:.0f} s")
     return run_dir
@@ -227,6 +236,11 @@ def case(request, bench) -> Case:
     from slm_export.runtime import load_backend
 
     name, variant = request.param
+    if name == "aoti":
+        from slm_export.export.aoti import compiler_problem
+
+        if problem := compiler_problem():  # no model_kv.pt2 can be built on this machine
+            pytest.skip(f"aoti: {problem}")
     bench.mem.reset()
     baseline = bench.mem.rss_mb()
     if bench.device.type == "cuda":  # CUDA-only: run by scripts/gpu-check.sh

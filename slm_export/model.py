@@ -217,15 +217,20 @@ class GPT(nn.Module):
         )
 
     def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, caches: nn.ModuleList,
-                       attention_mask: torch.Tensor | None = None, all_logits: bool = False):
+                       attention_mask: torch.Tensor | None = None, all_logits: bool = False,
+                       logits_index: torch.Tensor | None = None):
         """idx (B, T) written at input_pos (T,) into preallocated caches -> logits (B, V) of
-        the last position, or (B, T, V) of every new one with ``all_logits``.
+        the last position, or (B, T, V) of every new one with ``all_logits``, or (B, K, V)
+        of the new positions ``logits_index`` (K,) names (a tensor: one exported graph
+        serves both the last position and all of them).
 
         ``attention_mask`` (B, max_len) marks real tokens (1) and left padding (0).
         """
         mask, pos = _mask_and_positions(input_pos, caches[0].k.size(2), attention_mask)
         slots = [_StaticSlot(cache, input_pos) for cache in caches]
         h = self._hidden(idx, pos, slots, mask)
+        if logits_index is not None:
+            return self.lm_head(h.index_select(1, logits_index))
         return self.lm_head(h if all_logits else h[:, -1, :])
 
 

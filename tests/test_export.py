@@ -21,17 +21,20 @@ from slm_export.artifacts.manifest import Manifest
 from slm_export.cli.export import main
 from slm_export.errors import SlmError
 from slm_export.export import verify
+from slm_export.export.aoti import compiler_problem
 from slm_export.export.signatures import LogitsModule
 from slm_export.model import positions_from_mask
 from slm_export.runtime import GREEDY, backend_for_model, generate, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
+AOTI = compiler_problem() is None  # `all` includes model_kv.pt2 where it can be compiled
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
 def export_dir(tiny_ckpt) -> Path:
-    """One default export (onnx + torchscript, int8 variant, full verification)."""
+    """One default export (onnx + torchscript, + aoti where a C++ compiler is found; int8
+    variant, full verification)."""
     assert main(["--checkpoint", tiny_ckpt, "--quantize", "int8"]) == 0
     return Path(tiny_ckpt).parent / "export"
 
@@ -53,7 +56,8 @@ def eager_kv(model, ids, past, mask):
 
 
 def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model):
-    names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "model.int8.onnx", "manifest.json"}
+    names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "model.int8.onnx",
+             "manifest.json"} | ({"model_kv.pt2"} if AOTI else set())
     assert {p.name for p in export_dir.iterdir()} == names
     companions = {"config.json", "generation_config.json", "genai_config.json", "vocab.json",
                   "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
@@ -76,7 +80,8 @@ def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model)
     for name in ("model.onnx", "onnx/model.onnx", "model.ts", "model_kv.ts"):
         assert 0 <= checks[name]["max_abs_diff"] <= 1e-4 and checks[name]["shapes"] >= 8
     assert checks["onnx/"] == {"layers": 4, "texts": 12, "tokens": 1175}
-    assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": ["ort", "torchscript"]}
+    served = ["aoti", "ort", "torchscript"] if AOTI else ["ort", "torchscript"]
+    assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": served}
     # The tied embedding / lm_head matrix is stored once.
     big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
            if 50257 in i.dims]

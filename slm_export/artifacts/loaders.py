@@ -1,4 +1,5 @@
-"""Opening exported files: the one TorchScript loader and the one ONNX Runtime session builder.
+"""Opening exported files: the one TorchScript loader, the one AOTInductor package loader and
+the one ONNX Runtime session builder.
 
 The exporter (to verify what it wrote) and the runtime (to serve it) both open files here,
 so a file that loads for one loads the same way for the other, and every failure is the
@@ -43,6 +44,31 @@ def load_torchscript(path: str | os.PathLike, map_location="cpu"):
     except json.JSONDecodeError:
         raise SlmError(f"{path} has no slm-export metadata ({TORCHSCRIPT_METADATA})") from None
     return module.eval(), metadata
+
+
+def load_aoti(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """Load an AOTInductor package (``.pt2``) -> (callable model, its metadata).
+
+    Nothing is compiled: the package holds the compiled model (a shared library) and its
+    weights. A package runs only on the device type it was compiled for, and only with the
+    libtorch it was compiled against (the torch version in its metadata).
+    """
+    device = torch.device(device)
+    try:
+        from torch._inductor import aoti_load_package
+
+        index = device.index if device.index is not None else -1
+        model = aoti_load_package(str(path), device_index=index)
+        metadata = dict(model.get_metadata())
+    except Exception as e:  # a bad zip, a missing library, a libtorch mismatch: many types
+        raise SlmError(f"cannot load AOTInductor package {path} ({first_line(e, 120)})") from None
+    if "model_config" not in metadata:
+        raise SlmError(f"{path} has no slm-export metadata (model_config)")
+    compiled_for = metadata.get("AOTI_DEVICE_KEY", "cpu")
+    if compiled_for != device.type:
+        raise WrongDeviceError(f"{path} was compiled for {compiled_for} and cannot run on "
+                               f"{device.type}; export it with export.py --device {device.type}")
+    return model, metadata
 
 
 def ort_session(path: str | os.PathLike, providers: list | None = None,
@@ -90,6 +116,10 @@ def cpu_fallback(session, preferred: str = "CUDAExecutionProvider") -> dict[str,
         return {}
     on_cpu = placement(session).get("CPUExecutionProvider", {})
     return {op: n for op, n in sorted(on_cpu.items()) if op in HEAVY_OPS}
+
+
+class WrongDeviceError(SlmError):
+    """A file compiled for another device type than the one asked for (AOTInductor packages)."""
 
 
 class CudaProviderError(SlmError):

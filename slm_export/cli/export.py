@@ -1,4 +1,4 @@
-"""python export.py: a checkpoint -> TorchScript / ONNX (/ HF) files, verified, with a manifest."""
+"""python export.py: a checkpoint -> TorchScript / ONNX / AOTInductor (/ HF) files, verified, manifest."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from slm_export.cli.common import ArgumentParser, entry_point
 from slm_export.errors import SlmError
 
 DEFAULT_CHECKPOINT = Path("artifacts/runs/latest/best.pt")
-FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "hf": ("hf",),
-           "all": ("onnx", "torchscript")}
+FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "aoti": ("aoti",), "hf": ("hf",),
+           "all": ("onnx", "torchscript", "aoti")}  # all: aoti only where a C++ compiler is found
 
 
 def build_parser() -> ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"a weights checkpoint (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--format", choices=list(FORMATS), default="all",
-                   help="what to write (all = onnx + torchscript)")
+                   help="what to write (all = onnx + torchscript + aoti, the last where a C++ "
+                        "compiler is found)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="export folder (default: <checkpoint folder>/export)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
@@ -30,6 +31,9 @@ def build_parser() -> ArgumentParser:
                    help="also write model.<q>.onnx / onnx/model.<q>.onnx: int8 = dynamic "
                         "quantization (weights and activations), int4 = 4-bit weights "
                         "(MatMulNBits); repeatable")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: where the files are verified, and what the aoti "
+                        "package is compiled for (it runs on that device type only; default cpu)")
     p.add_argument("--verify", action="store_true", default=True,
                    help="check every file against eager PyTorch (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false")
@@ -38,10 +42,14 @@ def build_parser() -> ArgumentParser:
 
 @entry_point
 def main(argv=None) -> int:
+    from slm_export.devices import resolve_device
     from slm_export.export import build, check_request
 
     args = build_parser().parse_args(argv)
     formats = FORMATS[args.format]
+    if args.format == "all":
+        formats = _available(formats)
+    device = resolve_device(args.device)
     variants = [*dict.fromkeys(args.quantize), *(["fp16"] if args.dtype == "fp16" else [])]
     check_request(formats, variants, args.opset)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
@@ -49,5 +57,16 @@ def main(argv=None) -> int:
         raise SlmError(f"no checkpoint at the default {checkpoint}: train first "
                        "(python train.py) or pass --checkpoint DIR/best.pt")
     build(checkpoint, args.out_dir, formats=formats, variants=variants, opset=args.opset,
-          verify=args.verify, report=lambda line: print(line, flush=True))
+          verify=args.verify, device=device, report=lambda line: print(line, flush=True))
     return 0
+
+
+def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """``formats`` without aoti where it cannot be compiled here, saying so in one line."""
+    from slm_export.export.aoti import compiler_problem
+
+    problem = compiler_problem()
+    if problem is None:
+        return formats
+    print(f"skipping aoti (model_kv.pt2): {problem}", flush=True)
+    return tuple(f for f in formats if f != "aoti")

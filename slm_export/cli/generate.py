@@ -27,7 +27,7 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="eager/compiled/naive run a checkpoint; torchscript/ort an export "
+                   help="eager/compiled/naive run a checkpoint; torchscript/ort/aoti an export "
                         "folder (default eager)")
     p.add_argument("--model", type=Path, default=None,
                    help=f"checkpoint file, run folder or export folder (default {DEFAULT_MODEL})")
@@ -115,9 +115,9 @@ def main(argv=None) -> int:
 
 def _load(args):
     """The backend on the requested device. With --device auto, a CUDA machine whose ONNX
-    Runtime cannot use the GPU falls back to the CPU with a one-line warning; an explicit
-    --device cuda makes that an error."""
-    from slm_export.artifacts.loaders import CudaProviderError
+    Runtime cannot use the GPU, or whose AOTInductor package was compiled for the CPU, falls
+    back to the CPU with a one-line warning; an explicit --device cuda makes that an error."""
+    from slm_export.artifacts.loaders import CudaProviderError, WrongDeviceError
     from slm_export.devices import resolve_device
     from slm_export.runtime import load_backend
 
@@ -125,7 +125,7 @@ def _load(args):
     device = resolve_device(args.device)
     try:
         return load_backend(args.backend, model, device, args.variant)
-    except CudaProviderError as e:
+    except (CudaProviderError, WrongDeviceError) as e:
         if args.device != "auto":
             raise
         print(f"warning: {e}; running on the CPU", file=sys.stderr)

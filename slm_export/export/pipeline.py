@@ -22,7 +22,7 @@ from slm_export.export import onnx as onnx_export
 from slm_export.export import torchscript
 from slm_export.export.verify import QualityGate, verify_folder
 
-FORMATS = ("onnx", "torchscript", "hf")
+FORMATS = ("onnx", "torchscript", "aoti", "hf")
 VARIANTS = ("int8", "int4", "fp16")  # reduced-precision ONNX files, derived from model.onnx
 DEFAULT_FORMATS = ("onnx", "torchscript")
 DEFAULT_GATES = {"int8": QualityGate(), "int4": QualityGate(), "fp16": QualityGate(min_top1=0.99)}
@@ -38,7 +38,8 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
     ``out_dir`` defaults to ``<checkpoint folder>/export``. ``variants`` adds int8 / fp16
     ONNX files (they need "onnx" in ``formats``). With ``verify`` every file is checked
     against eager PyTorch and each variant against its ``gates`` entry (``DEFAULT_GATES``);
-    the served files run on ``device``. ``report`` receives one line per step.
+    the served files run on ``device``, and "aoti" (``model_kv.pt2``, not a default: it
+    compiles C++) is compiled for it. ``report`` receives one line per step.
     Returns the published folder's manifest; raises ``SlmError`` on any failure.
     """
     check_request(formats, variants, opset)
@@ -47,7 +48,7 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
     report = report or (lambda line: None)
     gates = {**DEFAULT_GATES, **(gates or {})}
     with staging_folder(out) as staging:
-        files = _write_files(model, provenance, staging, formats, variants, opset)
+        files = _write_files(model, provenance, staging, formats, variants, opset, device)
         extra = {"opset": opset if "onnx" in formats else None}
         write_manifest(staging, provenance, files, **extra, verification=None)
         if verify:
@@ -73,6 +74,10 @@ def check_request(formats: Sequence[str], variants: Sequence[str], opset: int) -
         from slm_export.export import hf
 
         hf.require()
+    if "aoti" in formats:
+        from slm_export.export import aoti
+
+        aoti.require()
 
 
 def _load(source) -> tuple[torch.nn.Module, Provenance]:
@@ -100,7 +105,7 @@ def _output_folder(out_dir, provenance: Provenance) -> Path:
 
 
 def _write_files(model, provenance: Provenance, folder: Path, formats, variants,
-                 opset: int) -> dict[str, dict]:
+                 opset: int, device) -> dict[str, dict]:
     """Write every requested file into ``folder`` -> {file name: manifest entry}."""
     kinds: dict[str, tuple[str, str]] = {}
     if "onnx" in formats:
@@ -112,6 +117,11 @@ def _write_files(model, provenance: Provenance, folder: Path, formats, variants,
     if "torchscript" in formats:
         written = torchscript.export(model, provenance, folder)
         kinds.update({name: (kind, "fp32") for name, kind in written.items()})
+    if "aoti" in formats:  # compiled for the device the files are verified (and served) on
+        from slm_export.export import aoti
+
+        kinds.update({name: (kind, "fp32") for name, kind in aoti.export(model, provenance, folder,
+                                                                         device).items()})
     if "hf" in formats:
         from slm_export.export import hf
 

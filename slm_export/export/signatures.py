@@ -1,16 +1,19 @@
-"""The two signatures every format exports (the contract the runtimes rely on).
+"""The signatures the formats export (the contract the runtimes rely on).
 
 - ``LogitsModule``: input_ids (B, T) int64 -> logits (B, T, V), every position.
 - ``KVModule``: the cache graph of ``artifacts/kv_layout.py`` (the layout optimum and
   onnxruntime-genai share): input_ids, attention_mask, position_ids, the past per layer and
   logits_to_keep -> (logits (B, K, V), *present).
+- ``StaticKVModule``: the static-cache graph of ``artifacts/kv_layout.py`` (AOTInductor):
+  input_ids, attention_mask (B, block_size), input_pos, logits_index and the caller's
+  preallocated cache per layer, written in place -> logits (B, K, V).
 """
 
 from __future__ import annotations
 
 import torch
 
-from slm_export.model import positions_from_mask
+from slm_export.model import KVCache, positions_from_mask
 
 
 class LogitsModule(torch.nn.Module):
@@ -56,3 +59,40 @@ def kv_inputs(config, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
     kv = tuple(torch.zeros(batch, config.n_head, past, config.head_dim)
                for _ in range(2 * config.n_layer))
     return ids, mask, position_ids, kv, torch.tensor(2)
+
+
+class _CallerCache:
+    """One layer's caller-owned (B, n_head, block_size, head_dim) keys and values, written in
+    place at ``input_pos`` exactly as ``KVCache`` writes its own buffers."""
+
+    update = KVCache.update
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+
+class StaticKVModule(torch.nn.Module):
+    """``GPT.forward_static`` over caches passed in as inputs (the export mutates them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                input_pos: torch.Tensor, logits_index: torch.Tensor,
+                cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        caches = [_CallerCache(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
+        return self.model.forward_static(input_ids, input_pos, caches, attention_mask,
+                                         logits_index=logits_index)
+
+
+def static_kv_inputs(config, batch: int = 2, seq: int = 5, kept: int = 2, device=None) -> tuple:
+    """Export inputs for ``StaticKVModule``: sizes >= 2 (torch.export specialises 0 and 1)."""
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    mask = torch.ones(batch, config.block_size, dtype=torch.long, device=device)
+    input_pos = torch.arange(seq, device=device)
+    logits_index = torch.arange(seq - kept, seq, device=device)
+    cache = tuple(torch.zeros(batch, config.n_head, config.block_size, config.head_dim, device=device)
+                  for _ in range(2 * config.n_layer))
+    return ids, mask, input_pos, logits_index, cache

@@ -238,7 +238,7 @@ def measure_variant(model, run: LogitsRunner, reference: Backend, backend: Backe
 # -- a whole folder -----------------------------------------------------------------------------
 
 FULL_SEQUENCE_KINDS = ("onnx", "torchscript", "hf")
-SERVED_KINDS = {"onnx_kv": "ort", "torchscript_kv": "torchscript"}  # file kind -> backend
+SERVED_KINDS = {"onnx_kv": "ort", "torchscript_kv": "torchscript", "aoti_kv": "aoti"}  # kind -> backend
 
 
 def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str, QualityGate],

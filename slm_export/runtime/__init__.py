@@ -2,7 +2,7 @@
 
 ``load_backend(name, path, device)`` builds any backend from a user-facing path: a
 checkpoint file or run folder for the torch backends (eager, compiled, naive), an export
-folder (or a run folder holding ``export/``) for torchscript and ort.
+folder (or a run folder holding ``export/``) for torchscript, ort and aoti.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ CHECKPOINT = "best.pt"
 
 
 def resolve_model_path(backend: str, path: str | os.PathLike) -> Path:
-    """The file (torch backends) or export folder (torchscript, ort) that ``path`` names.
+    """The file (torch backends) or export folder (torchscript, ort, aoti) that ``path`` names.
 
     Accepted: a checkpoint file; a run folder (its ``best.pt`` / ``export/``); an export
     folder (for the torch backends: the ``best.pt`` of the run folder around it).
@@ -114,6 +114,10 @@ def load_backend(name: str, path: str | os.PathLike, device: torch.device | str 
         from slm_export.runtime.torchscript import TorchScriptBackend
 
         return TorchScriptBackend(manifest.file("torchscript_kv"), manifest.config, device)
+    if name == "aoti":
+        from slm_export.runtime.aoti import AotiBackend
+
+        return AotiBackend(manifest.file("aoti_kv"), manifest.config, device)
     from slm_export.runtime.ort import OrtBackend
 
     return OrtBackend(manifest.file("onnx_kv", variant), manifest.config, device, threads)

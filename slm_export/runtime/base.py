@@ -16,7 +16,7 @@ rules, context overflow, streaming) lives in ``generation.py`` and is written on
 
 Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime). A state is
 a value: ``decode`` returns a new one and leaves the old one as it was, except where a
-backend keeps its cache in preallocated storage (``compiled``): there a backend serves one
+backend keeps its cache in preallocated storage (``compiled``, ``aoti``): there a backend serves one
 live generation per batch size, and a prefill of the same batch size invalidates older
 states (decoding one raises ``StaleStateError``).
 """
@@ -32,9 +32,9 @@ import torch
 from slm_export.config import GPTConfig
 from slm_export.tokenizer import EOT_ID
 
-BACKENDS = ("eager", "compiled", "torchscript", "ort", "naive")
+BACKENDS = ("eager", "compiled", "torchscript", "ort", "aoti", "naive")
 TORCH_BACKENDS = ("eager", "compiled", "naive")  # load a checkpoint
-EXPORT_BACKENDS = ("torchscript", "ort")  # load an export folder
+EXPORT_BACKENDS = ("torchscript", "ort", "aoti")  # load an export folder
 
 
 @dataclass(frozen=True)

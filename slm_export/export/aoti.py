@@ -1,0 +1,107 @@
+"""AOTInductor export: ``model_kv.pt2``, the static-cache graph compiled ahead of time.
+
+torch.export + AOTInductor (``torch._inductor.aoti_compile_and_package``) is what PyTorch
+names as TorchScript's successor for serving without Python: the ``.pt2`` package holds a
+compiled shared library and the weights, and ``torch._inductor.aoti_load_package`` (Python)
+or ``torch::inductor::AOTIModelPackageLoader`` (C++, ``cpp/``) load it without compiling.
+
+Why a static cache (``StaticKVModule``, signature in ``artifacts/kv_layout.py``): torch.export
+specialises a dimension whose example size is 0 or 1, and the functional cache graph has an
+empty past at every prefill. Here the caller owns a preallocated window per layer
+(B, n_head, block_size, head_dim) that the graph writes in place at ``input_pos``: no
+dimension is ever empty, one graph serves prefill (T >= 1 tokens from slot 0) and decode
+(T = 1, or K tokens), and a decode step copies no cache. Batch, sequence and the number of
+returned logits are exported from example sizes >= 2 with declared ranges starting at 1.
+``logits_index`` picks the positions whose logits come back: the last one to sample from,
+or all new ones to verify speculated tokens, without an lm_head over a whole prefill.
+
+No full-sequence ``model.pt2``: it would be a second compile (as long again) and a second
+copy of the weights for a graph no runtime here serves; ``model.ts`` / ``model.onnx`` give
+all-position logits.
+
+A package is compiled for the device it is exported on (``build(..., device=)``), for that
+CPU's vector ISA, and against this torch's libtorch: it runs there, not elsewhere. Metadata
+(model config, tokenizer, format, versions) is compiled into the package
+(``get_metadata()`` in Python and C++) and recorded in the manifest with the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from slm_export.artifacts.files import atomic_write
+from slm_export.artifacts.manifest import Provenance
+from slm_export.errors import SlmError, first_line
+from slm_export.export.signatures import StaticKVModule, static_kv_inputs
+
+FILE = "model_kv.pt2"
+# CPU: "freezing" folds the weights into the graph as constants, which lets inductor pre-pack
+# them for its matmul kernels (as the compiled backend does; bench/RESULTS.md has the effect).
+CPU_OPTIONS = {"freezing": True}
+
+
+def compiler_problem() -> str | None:
+    """Why AOTInductor cannot compile here (no working C++ compiler), or None."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return "no working C++ compiler (AOTInductor runs g++, or $CXX)"
+    return None
+
+
+def require() -> None:
+    problem = compiler_problem()
+    if problem:
+        raise SlmError(f"--format aoti needs a C++ compiler: {problem}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    # torch's own pytree code warns about its internal LeafSpec use (torch 2.13): not ours.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+        yield
+
+
+def export_program(model: torch.nn.Module, device: torch.device) -> torch.export.ExportedProgram:
+    """torch.export of ``StaticKVModule`` with dynamic batch, sequence and kept positions."""
+    from torch.export import Dim
+
+    c = model.config
+    batch = Dim("batch", min=1)
+    seq, kept = Dim("sequence", min=1, max=c.block_size), Dim("kept", min=1, max=c.block_size)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch},
+               "input_pos": {0: seq}, "logits_index": {0: kept},
+               "cache": tuple({0: batch} for _ in range(2 * c.n_layer))}
+    with torch.no_grad():
+        return torch.export.export(StaticKVModule(model), static_kv_inputs(c, device=device),
+                                   dynamic_shapes=dynamic, strict=False)
+
+
+def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.PathLike,
+           device: torch.device | str = "cpu") -> dict[str, str]:
+    """Compile ``model_kv.pt2`` for ``device`` into ``folder``; -> {file name: kind}."""
+    require()
+    from torch._inductor import aoti_compile_and_package
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        model = copy.deepcopy(model).to(device)
+    options = {"aot_inductor.metadata": provenance.file_metadata("aoti_kv"),
+               **(CPU_OPTIONS if device.type == "cpu" else {})}
+    try:
+        with _quiet():
+            program = export_program(model, device)
+            atomic_write(Path(folder) / FILE, lambda f: aoti_compile_and_package(
+                program, package_path=f, inductor_configs=options))
+    except Exception as e:  # torch.export and inductor raise many types; keep the first line
+        raise SlmError(f"AOTInductor export failed ({type(e).__name__}: {first_line(e)})") from None
+    return {FILE: "aoti_kv"}

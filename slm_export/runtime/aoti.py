@@ -1,0 +1,88 @@
+"""aoti: the AOTInductor package ``model_kv.pt2`` (compiled ahead of time, loaded without compiling).
+
+The package's graph is the static-cache signature of ``artifacts/kv_layout.py``: the backend
+owns a preallocated window per layer (B, n_head, block_size, head_dim) that each call writes
+in place at ``input_pos``, and asks for the logits of the last new position (prefill,
+decode) or of every new one (``score``) through ``logits_index``. A mask is always passed
+(ones where nothing is padded), so padded and unpadded batches run the same graph.
+
+As in ``compiled``, the static cache of a batch size is shared by every generation of that
+size: the backend serves one live generation per batch size, and a prefill invalidates the
+older states of its size (``StaleStateError`` on use). Slots past a state's length hold
+stale values that the causal mask hides, so a re-prefill or a rewind needs no reset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+from slm_export.artifacts.loaders import load_aoti
+from slm_export.config import GPTConfig
+from slm_export.runtime.base import StaleStateError, State, check_prefill, check_rewind, decode_rows
+
+
+class AotiBackend:
+    name = "aoti"
+
+    def __init__(self, path: str | os.PathLike, config: GPTConfig,
+                 device: torch.device | str = "cpu"):
+        self.config, self.path = config, path
+        self.device = torch.device(device)
+        self.model, self.metadata = load_aoti(path, self.device)
+        self._positions = torch.arange(config.block_size, device=self.device)
+        self._caches: dict[int, tuple[torch.Tensor, ...]] = {}  # one static cache per batch size
+        self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
+        self._tickets = itertools.count()
+
+    def _claim(self, B: int) -> tuple[tuple[torch.Tensor, ...], int]:
+        """The batch size's static cache, now owned by a new generation."""
+        if B not in self._caches:
+            c = self.config
+            self._caches[B] = tuple(
+                torch.zeros(B, c.n_head, c.block_size, c.head_dim, device=self.device)
+                for _ in range(2 * c.n_layer))
+        self._owner[B] = next(self._tickets)
+        return self._caches[B], self._owner[B]
+
+    def _run(self, rows: torch.Tensor, start: int, state_cache, every: bool) -> torch.Tensor:
+        """Write ``rows`` (B, K) at slots start.. -> logits (B, K or 1, V) float32."""
+        _, caches, mask = state_cache
+        K = rows.size(1)
+        index = self._positions[:K] if every else self._positions[K - 1:K]
+        logits = self.model(rows.contiguous(), mask, self._positions[start:start + K], index, caches)
+        return logits.float()
+
+    def _live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+        rows = decode_rows(tokens, state, self.config.block_size)
+        if self._owner.get(rows.size(0)) != state.cache[0]:
+            raise StaleStateError("this state's static cache was reused by a later prefill of "
+                                  f"batch size {rows.size(0)} (one live generation per size)")
+        return rows.to(self.device)
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        check_prefill(ids, self.config.block_size)
+        B, T = ids.shape
+        caches, ticket = self._claim(B)
+        mask = torch.ones(B, self.config.block_size, dtype=torch.long, device=self.device)
+        if attention_mask is not None:
+            mask[:, :T] = attention_mask
+        cache = (ticket, caches, mask)
+        return self._run(ids.to(self.device), 0, cache, every=False)[:, -1], State(T, cache)
+
+    def decode(self, tokens: torch.Tensor, state: State):
+        rows = self._live(tokens, state)
+        logits = self._run(rows, state.length, state.cache, every=False)
+        return logits[:, -1], State(state.length + rows.size(1), state.cache)
+
+    def score(self, tokens: torch.Tensor, state: State):
+        rows = self._live(tokens, state)
+        logits = self._run(rows, state.length, state.cache, every=True)
+        return logits, State(state.length + rows.size(1), state.cache)
+
+    def rewind(self, state: State, length: int) -> State:
+        """Moves the position back; the causal mask hides the slots past it."""
+        check_rewind(state, length)
+        return State(length, state.cache)
