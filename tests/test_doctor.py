@@ -22,9 +22,10 @@ def test_doctor_on_this_machine(tmp_path):
     assert "Traceback" not in proc.stderr
     report = json.loads(out.read_text())
     smokes = {(s["backend"], s["device"]): s["status"] for s in report["smoke"]}
-    for name in ("eager", "compiled", "torchscript", "ort", "naive"):
-        assert smokes[(name, "cpu")] == "PASS", report["smoke"]
+    for name in ("eager", "compiled", "torchscript", "ort", "naive", "aoti"):
+        assert smokes[(name, "cpu")] == "PASS", report["smoke"]  # CI has a C++ compiler
         assert name in proc.stdout
+    assert report["facts"]["C++ compiler (compiled on the CPU, aoti)"] == "works"
     assert report["facts"]["ORT providers available"]
     if not torch.cuda.is_available():
         assert "CUDA is absent" in proc.stdout and report["facts"]["ORT CUDA provider"] != "can start"

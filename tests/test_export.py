@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
+import re
 import shutil
 import subprocess
 import sys
@@ -20,11 +21,11 @@ from slm_export.artifacts import kv_layout
 from slm_export.artifacts.manifest import Manifest
 from slm_export.cli.export import main
 from slm_export.errors import SlmError
-from slm_export.export import verify
+from slm_export.export import DEFAULT_GATES, VARIANTS, verify
 from slm_export.export.aoti import compiler_problem
 from slm_export.export.signatures import LogitsModule
 from slm_export.model import positions_from_mask
-from slm_export.runtime import GREEDY, backend_for_model, generate, load_backend
+from slm_export.runtime import backend_for_model
 
 ROOT = Path(__file__).resolve().parents[1]
 AOTI = compiler_problem() is None  # `all` includes model_kv.pt2 where it can be compiled
@@ -32,11 +33,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def export_dir(tiny_ckpt) -> Path:
-    """One default export (onnx + torchscript, + aoti where a C++ compiler is found; int8
-    variant, full verification)."""
-    assert main(["--checkpoint", tiny_ckpt, "--quantize", "int8"]) == 0
-    return Path(tiny_ckpt).parent / "export"
+def export_dir(trained_export) -> Path:
+    """The session's default export (export.py's defaults: onnx + torchscript, + aoti where a
+    C++ compiler is found; full verification) of the trained tiny model, with the int8, int4
+    and fp16 variants (tests/conftest.py)."""
+    return trained_export
 
 
 def jit_load(path):
@@ -55,70 +56,78 @@ def eager_kv(model, ids, past, mask):
         return model.forward_kv(ids, past, mask)
 
 
-def test_default_export_writes_verified_files(export_dir, tiny_ckpt, tiny_model):
-    names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "model.int8.onnx",
-             "manifest.json"} | ({"model_kv.pt2"} if AOTI else set())
+def test_default_export_writes_verified_files(export_dir, trained_ckpt, trained_model):
+    names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "manifest.json",
+             *(f"model.{v}.onnx" for v in VARIANTS), *(["model_kv.pt2"] if AOTI else [])}
     assert {p.name for p in export_dir.iterdir()} == names
     companions = {"config.json", "generation_config.json", "genai_config.json", "vocab.json",
                   "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
-    assert {p.name for p in (export_dir / "onnx").iterdir()} == {"model.onnx", "model.int8.onnx",
-                                                                 *companions}
+    assert {p.name for p in (export_dir / "onnx").iterdir()} == {
+        "model.onnx", *(f"model.{v}.onnx" for v in VARIANTS), *companions}
     assert not [p for p in export_dir.parent.iterdir() if p.name.startswith(".export")]
     m = Manifest.read(export_dir)
-    assert m.config == tiny_model.config
-    assert (m.data["tokenizer"], m.data["step"], m.data["source_checkpoint"]) == ("gpt2", 0, tiny_ckpt)
+    assert m.config == trained_model.config
+    assert (m.data["tokenizer"], m.data["source_checkpoint"]) == ("gpt2", trained_ckpt)
+    assert m.data["step"] == torch.load(trained_ckpt, weights_only=True)["step"] > 0
     assert m.data["opset"] == 18
     assert set(m.data["versions"]) == {"torch", "onnx", "onnxruntime", "slm_export"}
     assert m.file("onnx_kv") == export_dir / "onnx" / "model.onnx"
     assert m.file("torchscript_kv") == export_dir / "model_kv.ts"
-    assert m.file("onnx_kv", "int8") == export_dir / "onnx" / "model.int8.onnx"
     assert {n for n, e in m.files.items() if e["kind"] == "onnx_config"} == {
         f"onnx/{n}" for n in companions}
-    with pytest.raises(SlmError, match="no onnx file in fp16"):
-        m.file("onnx", "fp16")
+    with pytest.raises(SlmError, match="no onnx file in bf16"):
+        m.file("onnx", "bf16")
     checks = m.data["verification"]
     for name in ("model.onnx", "onnx/model.onnx", "model.ts", "model_kv.ts"):
         assert 0 <= checks[name]["max_abs_diff"] <= 1e-4 and checks[name]["shapes"] >= 8
     assert checks["onnx/"] == {"layers": 4, "texts": 12, "tokens": 1175}
     served = ["aoti", "ort", "torchscript"] if AOTI else ["ort", "torchscript"]
-    assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": served}
+    assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": served,
+                                    "ties": dict.fromkeys(served, 0)}
     # The tied embedding / lm_head matrix is stored once.
     big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
            if 50257 in i.dims]
     assert len(big) == 1
 
 
-def test_torchscript_alone_on_every_length(export_dir, tiny_model):
+def test_full_sequence_files_alone_on_every_length(export_dir, trained_model):
+    """model.ts and model.onnx opened directly (not through the export's own verification),
+    against eager on every length and two batch sizes."""
     module, meta = jit_load(export_dir / "model.ts")  # traced at length 16 only
-    ids = torch.randint(0, 50257, (1, 128))
+    sess = cpu_session(export_dir / "model.onnx")
+    ids = torch.randint(0, 50257, (2, 128))
     with torch.no_grad():
-        full = tiny_model.lm_head(tiny_model.hidden_states(ids))
+        full = trained_model.lm_head(trained_model.hidden_states(ids))
         for T in [*range(1, 128, 9), 127, 128]:
-            logits = module(ids[:, :T])
-            assert logits.shape == (1, T, 50257)
-            torch.testing.assert_close(logits, full[:, :T], atol=1e-4, rtol=0)
-    assert json.loads(meta["model_config"]) == tiny_model.config.to_dict()
+            for B in (1, 2):
+                logits = module(ids[:B, :T])
+                assert logits.shape == (B, T, 50257)
+                torch.testing.assert_close(logits, full[:B, :T], atol=1e-4, rtol=0)
+                (onnx_logits,) = sess.run(["logits"], {"input_ids": ids[:B, :T].numpy()})
+                torch.testing.assert_close(torch.from_numpy(onnx_logits), full[:B, :T],
+                                           atol=1e-4, rtol=0)
+    assert json.loads(meta["model_config"]) == trained_model.config.to_dict()
     assert meta["kind"] == "torchscript"
 
 
 @pytest.mark.parametrize("past", [0, 1, 100])
-def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
+def test_kv_graphs_alone_match_eager(export_dir, trained_model, past):
     """The files on their own, fed by name (ONNX, as other tools feed them) and by position
     (TorchScript), without logits_to_keep (ONNX: every position) and with it."""
     sess = cpu_session(export_dir / "onnx" / "model.onnx")
     ts, meta = jit_load(export_dir / "model_kv.ts")
     assert meta["kind"] == "torchscript_kv"
     B, T = 3, 5
-    kv = tiny_model.empty_kv(B)
+    kv = trained_model.empty_kv(B)
     if past:
         prefix = torch.randint(0, 50257, (B, past))
-        kv = eager_kv(tiny_model, prefix, kv, torch.ones(B, past, dtype=torch.long))[1]
+        kv = eager_kv(trained_model, prefix, kv, torch.ones(B, past, dtype=torch.long))[1]
     ids = torch.randint(0, 50257, (B, T))
     mask = torch.ones(B, past + T, dtype=torch.long)
     mask[1, :2] = 0  # a left-padded row
     pos = positions_from_mask(mask)[:, past:]
     with torch.no_grad():
-        want_logits, want_kv = tiny_model.forward_kv(ids, kv, mask, logits_to_keep=0)
+        want_logits, want_kv = trained_model.forward_kv(ids, kv, mask, logits_to_keep=0)
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
              **{name: t.numpy() for name, t in zip(kv_layout.past_names(4), kv, strict=True)}}
     logits, *present = sess.run(None, feeds)
@@ -136,7 +145,7 @@ def test_kv_graphs_alone_match_eager(export_dir, tiny_model, past):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
+def test_onnx_io_names_axes_and_metadata(export_dir, trained_model):
     def axes(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in values}
@@ -158,26 +167,108 @@ def test_onnx_io_names_axes_and_metadata(export_dir, tiny_model):
     assert axes(full.graph.output) == {"logits": ["batch", "sequence", 50257]}
     for proto, kind in ((full, "onnx"), (kv, "onnx_kv")):
         meta = {p.key: p.value for p in proto.metadata_props}
-        assert json.loads(meta["model_config"]) == tiny_model.config.to_dict()
-        assert (meta["kind"], meta["tokenizer"], meta["step"]) == (kind, "gpt2", "0")
+        assert json.loads(meta["model_config"]) == trained_model.config.to_dict()
+        step = str(Manifest.read(export_dir, verify_hashes=False).data["step"])
+        assert (meta["kind"], meta["tokenizer"], meta["step"]) == (kind, "gpt2", step)
         assert "torch" in json.loads(meta["versions"])
 
 
-def test_int8_variant_runs_and_records_its_quality(export_dir, tiny_model):
-    m = Manifest.read(export_dir)
-    assert m.files["onnx/model.int8.onnx"]["dtype"] == "int8"
-    assert m.files["onnx/model.int8.onnx"]["bytes"] < m.files["onnx/model.onnx"]["bytes"] / 1.5
-    r = m.data["verification"]["int8"]
-    assert math.isfinite(r["loss_delta"]) and r["loss_delta"] == r["loss"] - r["loss_fp32"]
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+def test_variants_pass_their_gates_on_the_trained_model(dtype, trained_export):
+    """Each variant of the trained model was measured against fp32 in the export itself (on
+    the CPU: fp16 too) and cleared its default gate, which the manifest records with it."""
+    m = Manifest.read(trained_export)
+    name = f"onnx/model.{dtype}.onnx"
+    assert m.file("onnx_kv", dtype) == trained_export / name
+    assert m.files[name]["bytes"] < m.files["onnx/model.onnx"]["bytes"] / 1.5
+    r = m.data["verification"][dtype]
+    assert r["verified"] and r["gate"] == dataclasses.asdict(DEFAULT_GATES[dtype])
     assert r["providers"] == ["CPUExecutionProvider"] and r["tokens"] == 4 * 128
-    # Greedy decoding through the int8 cache graph mostly agrees with eager fp32.
-    backend = load_backend("ort", export_dir, variant="int8")
-    prompts = torch.randint(0, 50257, (2, 8)).tolist()
-    kw = dict(max_new_tokens=8, sampling=GREEDY, stop_id=None)
-    got = generate(backend, prompts, **kw).tokens
-    want = generate(backend_for_model("eager", tiny_model), prompts, **kw).tokens
-    agree = np.mean(np.array(got) == np.array(want))
-    assert agree >= 0.5, (got, want)
+    assert r["loss_delta"] == pytest.approx(r["loss"] - r["loss_fp32"])
+    gate = DEFAULT_GATES[dtype]
+    assert min(r["top1_agreement"], r["kv_top1_agreement"]) >= gate.min_top1
+    assert r["greedy_agreement"] >= gate.min_greedy_agreement and r["greedy_tokens"] >= 400
+
+
+def _damage(write, how: str):
+    """The int8 writer, then one weight damaged: the largest quantized tensor shuffled (a
+    wrong file), or its scale x 1.5 (every argmax kept: only the loss and KL can tell)."""
+    def damaged(src, dst):
+        write(src, dst)
+        model = onnx.load(str(dst))
+        inits = {i.name: i for i in model.graph.initializer}
+        weight = max((i for i in inits.values() if i.data_type == onnx.TensorProto.INT8),
+                     key=lambda i: np.prod(i.dims))
+        target = weight if how == "shuffle" else inits[weight.name.removesuffix("_quantized") + "_scale"]
+        values = onnx.numpy_helper.to_array(target)
+        values = (np.random.default_rng(0).permutation(values.ravel()).reshape(values.shape)
+                  if how == "shuffle" else values * 1.5)
+        target.CopyFrom(onnx.numpy_helper.from_array(values.astype(values.dtype), target.name))
+        onnx.save(model, str(dst))
+    return damaged
+
+
+def test_a_damaged_int8_file_fails_the_export_and_publishes_nothing(trained_ckpt, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Over an existing export: exit 2 with the gate's one line, and the old files stay
+    byte-identical (files are swapped in only when every check passed)."""
+    from slm_export.export import onnx as onnx_export
+
+    out = tmp_path / "export"
+    assert main(["--checkpoint", trained_ckpt, "--out-dir", str(out), "--format", "torchscript",
+                 "--no-verify"]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    monkeypatch.setitem(onnx_export.VARIANTS, "int8", _damage(onnx_export.VARIANTS["int8"], "shuffle"))
+    argv = ["--checkpoint", trained_ckpt, "--out-dir", str(out), "--format", "onnx",
+            "--quantize", "int8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: int8 variant: top-1 agreement with fp32 \d+\.\d+% < 95%",
+                                      err[0]), err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging left behind
+
+
+def test_a_scaled_int8_weight_fails_the_kl_gate(trained_model, tmp_path, monkeypatch):
+    from slm_export.export import build
+    from slm_export.export import onnx as onnx_export
+
+    monkeypatch.setitem(onnx_export.VARIANTS, "int8", _damage(onnx_export.VARIANTS["int8"], "scale"))
+    with pytest.raises(SlmError, match=r"int8 variant: (loss delta|KL divergence) vs|from fp32"):
+        build(trained_model, tmp_path / "export", formats=("onnx",), variants=("int8",))
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_variant_check_that_cannot_run_is_an_error_unless_allowed(trained_model, tmp_path,
+                                                                   monkeypatch):
+    """fp16 is verified on the CPU; where its check cannot run, the export fails unless the
+    user opts out, and the manifest records the opt-out and why."""
+    from slm_export.export import build
+
+    real = verify.load_backend
+
+    def no_fp16(name, path, device=None, variant="fp32", **kw):
+        if variant == "fp16":
+            raise RuntimeError("NOT_IMPLEMENTED : Could not find an implementation for Cast")
+        return real(name, path, device, variant=variant, **kw)
+
+    monkeypatch.setattr(verify, "load_backend", no_fp16)
+    kw = dict(formats=("onnx",), variants=("fp16",))
+    with pytest.raises(SlmError, match="fp16 variant: its quality check could not run .*"
+                                       "--allow-unverified fp16 publishes it unchecked"):
+        build(trained_model, tmp_path / "a", **kw)
+    m = build(trained_model, tmp_path / "b", **kw, allow_unverified=["fp16"])
+    r = m.data["verification"]["fp16"]
+    assert r["verified"] is False and r["allow_unverified"] and "NOT_IMPLEMENTED" in r["reason"]
+    assert m.data["verified"] is True  # every other file was checked
+
+
+def test_no_verify_is_recorded(tiny_ckpt, tmp_path):
+    assert main(["--checkpoint", tiny_ckpt, "--out-dir", str(tmp_path / "e"), "--format", "onnx",
+                 "--no-verify"]) == 0
+    m = Manifest.read(tmp_path / "e")
+    assert m.data["verified"] is False and m.data["verification"] is None
 
 
 def test_tampered_or_truncated_file_is_detected(export_dir, tmp_path):

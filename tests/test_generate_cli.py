@@ -209,3 +209,31 @@ def test_ort_variants_through_the_cli(variant, scripted_ckpt, tmp_path_factory, 
                  "--prompt", PROMPT, "--greedy", "--no-stream", "--max-new-tokens", "40",
                  "--overflow", "slide"]) == 0
     assert capsys.readouterr().out.strip() == (PROMPT + SCRIPT_TEXT).strip()
+
+
+@pytest.mark.parametrize("overflow", ["rebase", "slide"])
+def test_overflow_through_the_cli_on_every_backend(overflow, trained_ckpt, trained_export, capsys):
+    """Held-out stories cut at 120 tokens (the first whose continuation does not end within
+    30 tokens) and 30 new tokens: every backend crosses the 128-token window under the
+    policy and prints eager's text."""
+    from slm_export.export.aoti import compiler_problem
+    from slm_export.stories import story
+
+    eager = backend_for_model("eager", checkpoint.load_model(trained_ckpt)[0])
+    for index in range(2_000_000, 2_000_040):
+        prompt = decode(encode(story(index) + " " + story(index + 1))[:120])
+        want = generate(eager, [encode(prompt)], max_new_tokens=30, sampling=GREEDY,
+                        overflow=overflow)
+        if len(want.tokens[0]) == 30:
+            break
+    assert len(want.tokens[0]) == 30 and want.stats.prefills > 1  # it crosses the window
+    argv = ["--prompt", prompt, "--greedy", "--no-stream", "--max-new-tokens", "30",
+            "--overflow", overflow, "--device", "cpu"]
+    served = ["torchscript", "ort", *([] if compiler_problem() else ["aoti"])]
+    texts = {}
+    for backend in ["eager", "naive", "compiled", *served]:
+        model = trained_export if backend in served else trained_ckpt
+        assert main(["--backend", backend, "--model", str(model), *argv]) == 0
+        texts[backend] = capsys.readouterr().out
+    assert texts["eager"].strip() == (prompt + decode(want.tokens[0])).strip()
+    assert {b: t for b, t in texts.items() if t != texts["eager"]} == {}

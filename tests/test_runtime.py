@@ -1,9 +1,11 @@
 """The runtime layer: sampling, the generation loop (overflow, ragged batches, stop rules)
-and greedy parity of every backend with eager on the tiny model."""
+and greedy parity of every backend with eager on the trained model (``trained_ckpt``: varied
+text, where a random model repeats a few tokens with near-uniform logits)."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -46,14 +48,10 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session")
-def export_dir(tmp_path_factory, tiny_ckpt):
-    """TorchScript, ONNX and int8 ONNX files of the tiny model (unverified: this file
-    tests the runtime; tests/test_export.py tests verification)."""
-    from slm_export.export import build
-
-    folder = tmp_path_factory.mktemp("run") / "export"
-    build(tiny_ckpt, folder, variants=("int8", "int4", "fp16"), verify=False)
-    return folder
+def export_dir(trained_export):
+    """The session's verified export of the trained model (ONNX, TorchScript, int8, int4,
+    fp16)."""
+    return trained_export
 
 
 @pytest.fixture(scope="session")
@@ -62,17 +60,18 @@ def prompt_ids():
 
 
 @pytest.fixture(scope="session")
-def backends(tiny_model, export_dir):
-    made = {name: backend_for_model(name, tiny_model) for name in ("eager", "naive", "compiled")}
-    made["torchscript"] = load_backend("torchscript", export_dir)
-    made["ort"] = load_backend("ort", export_dir)
-    return made
+def backends(trained_backends):
+    return trained_backends
 
 
 @pytest.fixture(scope="session")
 def eager_greedy(backends, prompt_ids):
-    return generate(backends["eager"], prompt_ids, max_new_tokens=PARITY_TOKENS,
-                    sampling=GREEDY, stop_id=None)
+    out = generate(backends["eager"], prompt_ids, max_new_tokens=PARITY_TOKENS,
+                   sampling=GREEDY, stop_id=None)
+    # Real, varied text (a random-weights model gives 1-4 distinct tokens per row).
+    assert min(len(set(row)) for row in out.tokens) >= 15, out.tokens
+    assert len({tuple(row) for row in out.tokens}) == len(PROMPTS)
+    return out
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -118,34 +117,46 @@ def test_seeding(backends, prompt_ids):
 
 
 # -- greedy parity across backends ------------------------------------------------------------
+def assert_eager_text_until_ties(tokens, want, ties):
+    """Each row is ``want``'s row, up to its first tie (where either token is right)."""
+    for row, (got, ref, tie) in enumerate(zip(tokens, want, ties, strict=True)):
+        assert got[:tie] == ref[:tie], f"row {row} (first tie at {tie})"
+
+
 @pytest.mark.parametrize("name", ["naive", "compiled", "torchscript", "ort"])
-def test_greedy_parity_with_eager(name, backends, prompt_ids, eager_greedy):
-    backend, eager = backends[name], backends["eager"]
-    got = generate(backend, prompt_ids, max_new_tokens=PARITY_TOKENS, sampling=GREEDY,
-                   stop_id=None)
-    assert got.tokens == eager_greedy.tokens
-    # teacher-forced along eager's tokens: the logits agree at every step
-    ids, mask = left_pad(prompt_ids)
-    with torch.inference_mode():
-        want, s_want = eager.prefill(ids, mask)
-        have, s_have = backend.prefill(ids, mask)
-        for step in range(PARITY_TOKENS - 1):
-            torch.testing.assert_close(have.cpu(), want.cpu(), atol=1e-4, rtol=0)
-            tokens = torch.tensor([row[step] for row in eager_greedy.tokens])
-            want, s_want = eager.decode(tokens, s_want)
-            have, s_have = backend.decode(tokens.to(backend.device), s_have)
-        torch.testing.assert_close(have.cpu(), want.cpu(), atol=1e-4, rtol=0)
+def test_greedy_parity_with_eager(name, backends, prompt_ids, eager_greedy, lockstep):
+    """Ten prompts (a left-padded batch) x 64 tokens of varied text: every step's logits
+    within 5e-5 x their std of eager's, every token eager's argmax (or a tie within that)."""
+    r = lockstep(backends["eager"], backends[name], prompt_ids, max_new_tokens=PARITY_TOKENS)
+    assert sum(t is not None for t in r["ties"]) <= 1  # ort meets one tie (gap 1e-6) here
+    assert_eager_text_until_ties(r["generation"].tokens, eager_greedy.tokens, r["ties"])
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_reduced_precision_agrees_with_eager(variant, backends, export_dir, prompt_ids, lockstep):
+    """The int8 / fp16 cache graphs' own greedy continuations of the ten prompts: eager,
+    teacher-forced along them, picks the same token nearly everywhere; fp16's logits stay
+    within 2% of their std (the export's fp16 tolerance)."""
+    backend = load_backend("ort", export_dir, variant=variant)
+    r = lockstep(backends["eager"], backend, prompt_ids, max_new_tokens=PARITY_TOKENS,
+                 rel_tol=0.02 if variant == "fp16" else None)
+    assert r["agreement"] >= (0.99 if variant == "fp16" else 0.95), r["agreement"]
 
 
 @pytest.mark.parametrize("overflow", ["rebase", "slide"])
+@pytest.mark.parametrize("batch", ["padded", "unpadded"])
 @pytest.mark.parametrize("name", ["naive", "compiled", "torchscript", "ort"])
-def test_overflow_policies_agree_across_backends(name, overflow, backends, prompt_ids):
-    rows = prompt_ids[:2]  # short prompts: a few overflow steps after 124 decodes
+def test_overflow_policies_agree_across_backends(name, batch, overflow, backends, prompt_ids,
+                                                 lockstep):
+    """Across the window (a few overflow steps after 124 decodes), a left-padded batch and an
+    unpadded one (naive's causal fast path, no mask anywhere)."""
+    rows = prompt_ids[:2] if batch == "padded" else [p[-3:] for p in prompt_ids[:2]]
+    assert (left_pad(rows)[1] is None) == (batch == "unpadded")
     kw = dict(max_new_tokens=140, sampling=GREEDY, overflow=overflow, stop_id=None)
     want = generate(backends["eager"], rows, **kw)
-    got = generate(backends[name], rows, **kw)
-    assert got.tokens == want.tokens
-    assert got.stats.prefills == want.stats.prefills > 1
+    r = lockstep(backends["eager"], backends[name], rows, max_new_tokens=140, overflow=overflow)
+    assert_eager_text_until_ties(r["generation"].tokens, want.tokens, r["ties"])
+    assert r["generation"].stats.prefills == want.stats.prefills > 1
 
 
 class SessionRun:
@@ -204,7 +215,8 @@ def test_io_binding_matches_session_run(variant, export_dir, prompt_ids):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["eager", "compiled", "torchscript", "ort"])
-def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids, eager_greedy):
+def test_cuda_greedy_parity(name, trained_model, backends, export_dir, prompt_ids, eager_greedy,
+                            lockstep):
     import copy
 
     if name == "ort":
@@ -213,10 +225,10 @@ def test_cuda_greedy_parity(name, tiny_model, tiny_ckpt, export_dir, prompt_ids,
     elif name == "torchscript":  # traced on the CPU, run on CUDA
         backend = load_backend("torchscript", export_dir, "cuda")
     else:
-        backend = backend_for_model(name, copy.deepcopy(tiny_model).cuda())
-    got = generate(backend, prompt_ids, max_new_tokens=PARITY_TOKENS, sampling=GREEDY,
-                   stop_id=None)
-    assert got.tokens == eager_greedy.tokens
+        backend = backend_for_model(name, copy.deepcopy(trained_model).cuda())
+    # GPU kernels (ORT's CUDA provider allows TF32) round differently: a looser tolerance
+    r = lockstep(backends["eager"], backend, prompt_ids, max_new_tokens=PARITY_TOKENS, rel_tol=2e-3)
+    assert_eager_text_until_ties(r["generation"].tokens, eager_greedy.tokens, r["ties"])
 
 
 # -- the contract: states are values, decode takes K tokens, compiled's one live state ------
@@ -308,12 +320,12 @@ def _reference(model, prompt, steps, overflow):
 
 
 @pytest.mark.parametrize("overflow", ["rebase", "slide"])
-def test_overflow_matches_full_recompute_reference(overflow, tiny_model, backends):
+def test_overflow_matches_full_recompute_reference(overflow, trained_model, backends):
     prompt = encode("Once upon a time, there was a girl.")
     steps = 200
     out = generate(backends["eager"], [prompt], max_new_tokens=steps, sampling=GREEDY,
                    overflow=overflow, stop_id=None)
-    assert out.tokens[0] == _reference(tiny_model, prompt, steps, overflow)
+    assert out.tokens[0] == _reference(trained_model, prompt, steps, overflow)
     first_full = 128 - len(prompt)  # decodes until the window is full
     if overflow == "rebase":  # then one prefill per 64 + 1 steps
         rebases = math.ceil((steps - 1 - first_full) / 65)
@@ -331,7 +343,7 @@ def test_long_prompt_is_cropped_to_the_window(backends):
             == generate(backends["eager"], [long[-128:]], **kw).tokens)
 
 
-def test_stops_at_endoftext_per_row(tiny_model, backends, prompt_ids, eager_greedy):
+def test_stops_at_endoftext_per_row(backends, prompt_ids, eager_greedy):
     # make one of row 0's greedy tokens the stop token: rows end right before it, or run on
     stop = eager_greedy.tokens[0][4]
     out = generate(backends["eager"], prompt_ids, max_new_tokens=PARITY_TOKENS,
@@ -356,8 +368,12 @@ def test_text_decoder_holds_back_split_characters():
 
 # -- loading ------------------------------------------------------------------------------------
 def test_resolve_model_path(tmp_path, tiny_ckpt, export_dir):
-    run = export_dir.parent
-    (run / "best.pt").write_bytes(open(tiny_ckpt, "rb").read())
+    run = tmp_path / "run"  # a run folder: best.pt and export/ (only what resolving reads)
+    (run / "export").mkdir(parents=True)
+    shutil.copy(tiny_ckpt, run / "best.pt")
+    shutil.copy(export_dir / "manifest.json", run / "export")
+    (run / "export" / "model_kv.ts").touch()
+    export_dir = run / "export"
     assert resolve_model_path("eager", run) == run / "best.pt"
     assert resolve_model_path("eager", export_dir) == run / "best.pt"
     assert resolve_model_path("ort", run) == export_dir
@@ -373,8 +389,6 @@ def test_resolve_model_path(tmp_path, tiny_ckpt, export_dir):
 
 
 def test_tampered_export_is_refused(tmp_path, export_dir):
-    import shutil
-
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
     data = bytearray((copy / "onnx/model.onnx").read_bytes())

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from slm_export.checkpoint import load_model
 from slm_export.config import GPTConfig
 from slm_export.model import GPT
 from slm_export.runtime import GREEDY, SamplingConfig, backend_for_model, generate, load_backend
@@ -23,25 +22,13 @@ PROMPTS = ["Once upon a time, there was a little girl named Mia. Mia loved to",
 
 
 @pytest.fixture(scope="module")
-def trained(trained_ckpt, tmp_path_factory):
-    from slm_export.export import build
-
-    model, _ = load_model(trained_ckpt)
-    folder = tmp_path_factory.mktemp("spec") / "export"
-    build(trained_ckpt, folder, verify=False)
-    return model, folder
-
-
-def _backend(name, model, folder):
-    if name in ("torchscript", "ort"):
-        return load_backend(name, folder)
-    return backend_for_model(name, model)
+def trained(trained_model, trained_export):
+    return trained_model, trained_export
 
 
 @pytest.mark.parametrize("name", ["eager", "naive", "torchscript", "ort", "compiled"])
-def test_greedy_speculation_is_plain_greedy(name, trained, tiny_model):
-    model, folder = trained
-    backend = _backend(name, model, folder)
+def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model):
+    backend = trained_backends[name]  # shared with tests/test_runtime.py: compiled compiles once
     rows = [encode(p) for p in PROMPTS]
     kw = dict(max_new_tokens=180, sampling=GREEDY, stop_id=None)
     plain = generate(backend, rows, **kw)

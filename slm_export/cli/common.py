@@ -92,6 +92,14 @@ def device(text: str) -> str:
     return text
 
 
+def unit_interval(text: str) -> float:
+    """A value in [0, 1] (a share that may be all or nothing)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """A value in (0, 1] (--top-p)."""
     value = float(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slm_export.cli.common import ArgumentParser, entry_point
+from slm_export.cli.common import ArgumentParser, entry_point, non_negative_float, unit_interval
 from slm_export.errors import SlmError
 
 DEFAULT_CHECKPOINT = Path("artifacts/runs/latest/best.pt")
@@ -36,14 +36,31 @@ def build_parser() -> ArgumentParser:
                         "package is compiled for (it runs on that device type only; default cpu)")
     p.add_argument("--verify", action="store_true", default=True,
                    help="check every file against eager PyTorch (default)")
-    p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="write the files unchecked (the manifest records verified: false)")
+    g = p.add_argument_group("quality gates of the int8 / int4 / fp16 variants against fp32 on held-out "
+                             "text (default: each variant's own, in the manifest; these set it "
+                             "for every variant)")
+    g.add_argument("--min-top1", type=unit_interval, default=None,
+                   help="least top-1 agreement, full-sequence and cache graphs")
+    g.add_argument("--max-loss-delta", type=non_negative_float, default=None,
+                   help="largest |loss difference| in nats")
+    g.add_argument("--max-kl", type=non_negative_float, default=None,
+                   help="largest mean KL divergence per token in nats")
+    g.add_argument("--min-greedy-agreement", type=unit_interval, default=None,
+                   help="least share of the variant's greedy tokens that fp32 would pick too")
+    g.add_argument("--max-logit-error", type=non_negative_float, default=None,
+                   help="largest |logit difference| in units of the fp32 logits' std")
+    g.add_argument("--allow-unverified", action="append", choices=["int8", "int4", "fp16"], default=[],
+                   help="publish this variant unchecked if its check cannot run here "
+                        "(recorded in the manifest; a check that runs and fails still fails)")
     return p
 
 
 @entry_point
 def main(argv=None) -> int:
     from slm_export.devices import resolve_device
-    from slm_export.export import build, check_request
+    from slm_export.export import build, check_request, gates_with
 
     args = build_parser().parse_args(argv)
     formats = FORMATS[args.format]
@@ -51,13 +68,17 @@ def main(argv=None) -> int:
         formats = _available(formats)
     device = resolve_device(args.device)
     variants = [*dict.fromkeys(args.quantize), *(["fp16"] if args.dtype == "fp16" else [])]
-    check_request(formats, variants, args.opset)
+    check_request(formats, variants, args.opset, args.allow_unverified)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
         raise SlmError(f"no checkpoint at the default {checkpoint}: train first "
                        "(python train.py) or pass --checkpoint DIR/best.pt")
+    gates = gates_with(min_top1=args.min_top1, max_loss_delta=args.max_loss_delta,
+                       max_kl=args.max_kl, min_greedy_agreement=args.min_greedy_agreement,
+                       max_logit_error=args.max_logit_error)
     build(checkpoint, args.out_dir, formats=formats, variants=variants, opset=args.opset,
-          verify=args.verify, device=device, report=lambda line: print(line, flush=True))
+          verify=args.verify, gates=gates, allow_unverified=args.allow_unverified,
+          device=device, report=lambda line: print(line, flush=True))
     return 0
 
 

@@ -8,7 +8,15 @@ signatures), ``torchscript.py`` / ``onnx.py`` / ``onnx_folder.py`` / ``aoti.py``
 artifacts layer's and the runtime's business, never this package's.
 """
 
-from slm_export.export.pipeline import DEFAULT_GATES, FORMATS, VARIANTS, build, check_request
+from slm_export.export.pipeline import (
+    DEFAULT_GATES,
+    FORMATS,
+    VARIANTS,
+    build,
+    check_request,
+    gates_with,
+)
 from slm_export.export.verify import QualityGate
 
-__all__ = ["DEFAULT_GATES", "FORMATS", "VARIANTS", "QualityGate", "build", "check_request"]
+__all__ = ["DEFAULT_GATES", "FORMATS", "VARIANTS", "QualityGate", "build", "check_request",
+           "gates_with"]
