@@ -14,14 +14,13 @@ stale values that the causal mask hides, so a re-prefill or a rewind needs no re
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
 
 from slm_export.artifacts.loaders import load_aoti
 from slm_export.config import GPTConfig
-from slm_export.runtime.base import StaleStateError, State, check_prefill, check_rewind, decode_rows
+from slm_export.runtime.base import Slot, State, StaticSlots, check_rewind
 
 
 class AotiBackend:
@@ -33,52 +32,32 @@ class AotiBackend:
         self.device = torch.device(device)
         self.model, self.metadata = load_aoti(path, self.device)
         self._positions = torch.arange(config.block_size, device=self.device)
-        self._caches: dict[int, tuple[torch.Tensor, ...]] = {}  # one static cache per batch size
-        self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
-        self._tickets = itertools.count()
+        self._slots = StaticSlots(self._new_caches, config.block_size, self.device)
 
-    def _claim(self, B: int) -> tuple[tuple[torch.Tensor, ...], int]:
-        """The batch size's static cache, now owned by a new generation."""
-        if B not in self._caches:
-            c = self.config
-            self._caches[B] = tuple(
-                torch.zeros(B, c.n_head, c.block_size, c.head_dim, device=self.device)
-                for _ in range(2 * c.n_layer))
-        self._owner[B] = next(self._tickets)
-        return self._caches[B], self._owner[B]
+    def _new_caches(self, B: int) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        return tuple(torch.zeros(B, c.n_head, c.block_size, c.head_dim, device=self.device)
+                     for _ in range(2 * c.n_layer))
 
-    def _run(self, rows: torch.Tensor, start: int, state_cache, every: bool) -> torch.Tensor:
+    def _run(self, rows: torch.Tensor, start: int, slot: Slot, every: bool) -> torch.Tensor:
         """Write ``rows`` (B, K) at slots start.. -> logits (B, K or 1, V) float32."""
-        _, caches, mask = state_cache
         K = rows.size(1)
         index = self._positions[:K] if every else self._positions[K - 1:K]
-        logits = self.model(rows.contiguous(), mask, self._positions[start:start + K], index, caches)
-        return logits.float()
-
-    def _live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
-        rows = decode_rows(tokens, state, self.config.block_size)
-        if self._owner.get(rows.size(0)) != state.cache[0]:
-            raise StaleStateError("this state's static cache was reused by a later prefill of "
-                                  f"batch size {rows.size(0)} (one live generation per size)")
-        return rows.to(self.device)
+        positions = self._positions[start:start + K]
+        return self.model(rows.contiguous(), slot.mask, positions, index, slot.caches).float()
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        check_prefill(ids, self.config.block_size)
-        B, T = ids.shape
-        caches, ticket = self._claim(B)
-        mask = torch.ones(B, self.config.block_size, dtype=torch.long, device=self.device)
-        if attention_mask is not None:
-            mask[:, :T] = attention_mask
-        cache = (ticket, caches, mask)
-        return self._run(ids.to(self.device), 0, cache, every=False)[:, -1], State(T, cache)
+        slot = self._slots.claim(ids, attention_mask)
+        logits = self._run(ids.to(self.device), 0, slot, every=False)
+        return logits[:, -1], State(ids.size(1), slot)
 
     def decode(self, tokens: torch.Tensor, state: State):
-        rows = self._live(tokens, state)
+        rows = self._slots.live(tokens, state)
         logits = self._run(rows, state.length, state.cache, every=False)
         return logits[:, -1], State(state.length + rows.size(1), state.cache)
 
     def score(self, tokens: torch.Tensor, state: State):
-        rows = self._live(tokens, state)
+        rows = self._slots.live(tokens, state)
         logits = self._run(rows, state.length, state.cache, every=True)
         return logits, State(state.length + rows.size(1), state.cache)
 

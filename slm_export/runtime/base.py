@@ -23,7 +23,8 @@ states (decoding one raises ``StaleStateError``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -83,6 +84,49 @@ def window_mask(attention_mask: torch.Tensor | None, batch: int, block_size: int
     if attention_mask is not None:
         mask[:, :attention_mask.size(1)] = attention_mask
     return mask
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A static-cache state's ``cache``: the generation's ticket, the batch size's
+    preallocated caches and the (B, block_size) padding mask."""
+
+    ticket: int
+    caches: Any
+    mask: torch.Tensor
+
+
+class StaticSlots:
+    """One preallocated cache per batch size for the backends that write their cache in place
+    (``compiled``, ``aoti``): a compiled graph is specialised to its buffers, so every
+    generation of a batch size shares them. The newest prefill owns the batch size's cache;
+    a state of an older generation is stale (``StaleStateError`` on use).
+    """
+
+    def __init__(self, new_caches: Callable[[int], Any], block_size: int, device: torch.device):
+        self._new_caches, self.block_size, self.device = new_caches, block_size, device
+        self._caches: dict[int, Any] = {}
+        self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
+        self._tickets = itertools.count()
+
+    def claim(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Slot:
+        """Checks a prompt and hands its batch size's cache to a new generation."""
+        check_prefill(ids, self.block_size)
+        B = ids.size(0)
+        if B not in self._caches:
+            self._caches[B] = self._new_caches(B)
+        self._owner[B] = ticket = next(self._tickets)
+        mask = window_mask(attention_mask, B, self.block_size, self.device, always=True)
+        return Slot(ticket, self._caches[B], mask)
+
+    def live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+        """``tokens`` as (B, K) rows on the device, checked to fit the window and ``state`` to
+        still own its cache."""
+        rows = decode_rows(tokens, state, self.block_size)
+        if self._owner.get(rows.size(0)) != state.cache.ticket:
+            raise StaleStateError("this state's static cache was reused by a later prefill of "
+                                  f"batch size {rows.size(0)} (one live generation per size)")
+        return rows.to(self.device)
 
 
 def check_prefill(ids: torch.Tensor, block_size: int) -> None:

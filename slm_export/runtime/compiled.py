@@ -19,14 +19,13 @@ size: a prefill invalidates the older states of its size (``StaleStateError`` on
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 import torch._dynamo.config
 import torch._inductor.config
 
 from slm_export.model import GPT
-from slm_export.runtime.base import StaleStateError, State, check_prefill, check_rewind, decode_rows
+from slm_export.runtime.base import State, StaticSlots, check_rewind
 
 RECOMPILE_LIMIT = 64  # graphs per compiled function: batch sizes x models in one process
 # torch 2.6 calls the setting cache_size_limit; later versions recompile_limit (an alias).
@@ -62,9 +61,8 @@ class CompiledBackend:
         self._freeze = self.device.type != "cuda"
         self._positions = torch.arange(self.config.block_size, device=self.device)
         self._pos1 = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._caches: dict[int, torch.nn.ModuleList] = {}  # one static cache per batch size
-        self._owner: dict[int, int] = {}  # batch size -> the live generation's ticket
-        self._tickets = itertools.count()
+        self._slots = StaticSlots(lambda B: model.new_static_caches(B, self.config.block_size),
+                                  self.config.block_size, self.device)
 
     @contextlib.contextmanager
     def _compiling(self):
@@ -83,13 +81,6 @@ class CompiledBackend:
                 stack.enter_context(torch._inductor.config.patch(freezing=True))
             yield
 
-    def _claim(self, B: int) -> tuple[torch.nn.ModuleList, int]:
-        """The batch size's static cache, now owned by a new generation."""
-        if B not in self._caches:
-            self._caches[B] = self.model.new_static_caches(B, self.config.block_size)
-        self._owner[B] = next(self._tickets)
-        return self._caches[B], self._owner[B]
-
     def _run(self, rows: torch.Tensor, start: int, caches, mask) -> torch.Tensor:
         """Write ``rows`` (B, K) at positions start.. into ``caches`` -> last logits."""
         K = rows.size(1)
@@ -103,37 +94,23 @@ class CompiledBackend:
             return self._prefill(self.model, rows, input_pos, caches, mask)
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        check_prefill(ids, self.config.block_size)
-        B, T = ids.shape
-        caches, ticket = self._claim(B)
-        mask = torch.ones(B, self.config.block_size, dtype=torch.long, device=self.device)
-        if attention_mask is not None:
-            mask[:, :T] = attention_mask
+        slot = self._slots.claim(ids, attention_mask)
         # Stale slots beyond T need no reset: the causal mask hides them until overwritten.
-        logits = self._run(ids, 0, caches, mask)
-        return logits.float(), State(T, (ticket, caches, mask))
-
-    def _live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
-        rows = decode_rows(tokens, state, self.config.block_size)
-        if self._owner.get(rows.size(0)) != state.cache[0]:
-            raise StaleStateError("this state's static cache was reused by a later prefill of "
-                                  f"batch size {rows.size(0)} (one live generation per size)")
-        return rows
+        logits = self._run(ids, 0, slot.caches, slot.mask)
+        return logits.float(), State(ids.size(1), slot)
 
     def decode(self, tokens: torch.Tensor, state: State):
-        rows = self._live(tokens, state)
-        _, caches, mask = state.cache
-        logits = self._run(rows, state.length, caches, mask)
+        rows = self._slots.live(tokens, state)
+        logits = self._run(rows, state.length, state.cache.caches, state.cache.mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
     def score(self, tokens: torch.Tensor, state: State):
-        rows = self._live(tokens, state)
-        _, caches, mask = state.cache
+        rows = self._slots.live(tokens, state)
         input_pos = self._positions[state.length:state.length + rows.size(1)]
         torch._dynamo.maybe_mark_dynamic(rows, 1)
         torch._dynamo.maybe_mark_dynamic(input_pos, 0)
         with self._compiling():
-            logits = self._score(self.model, rows, input_pos, caches, mask)
+            logits = self._score(self.model, rows, input_pos, state.cache.caches, state.cache.mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
     def rewind(self, state: State, length: int) -> State:
