@@ -226,8 +226,21 @@ class Case:
     variant: str
     backend: object
     load_s: float
+    file_mb: float  # what a deployment ships: the checkpoint, or the export file loaded
     baseline_mb: float | None  # before the backend was built: process RSS, or on CUDA the
     # device memory in use (torch.cuda.mem_get_info), which also sees ONNX Runtime's arena
+
+
+def _file_mb(name: str, variant: str, model_dir: Path) -> float:
+    """Size of the file ``load_backend`` reads for this backend and variant."""
+    from slm_export.artifacts.manifest import Manifest
+    from slm_export.runtime import TORCH_BACKENDS, resolve_model_path
+
+    target = resolve_model_path(name, model_dir)
+    if name not in TORCH_BACKENDS:
+        kind = {"torchscript": "torchscript_kv", "aoti": "aoti_kv", "ort": "onnx_kv"}[name]
+        target = Manifest.read(target, verify_hashes=False).file(kind, variant, verify_hash=False)
+    return target.stat().st_size / 2**20
 
 
 @pytest.fixture(scope="session")
@@ -253,7 +266,7 @@ def case(request, bench) -> Case:
                            threads=bench.threads)
     load_s = time.perf_counter() - start
     assert backend.device.type == bench.device.type, (backend.device, bench.device)
-    yield Case(name, variant, backend, load_s, baseline)
+    yield Case(name, variant, backend, load_s, _file_mb(name, variant, bench.model_dir), baseline)
     del backend
     bench.mem.trim()
 

@@ -122,6 +122,7 @@ def _record(benchmark, bench, case, **fields) -> bm.Result:
     row = bm.Result(backend=case.backend_name, variant=case.variant, device=bench.device.type,
                     preset=bench.preset, **fields)
     row.extra.update(extra, threads=bench.threads, load_s=round(case.load_s, 3),
+                     file_mb=round(case.file_mb, 1),
                      mem_method=("cuda mem_get_info used above the level before loading"
                                  if bench.device.type == "cuda" else "VmHWM above the RSS before loading"))
     bench.results.append(row)

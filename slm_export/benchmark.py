@@ -22,7 +22,9 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -365,14 +367,86 @@ def markdown_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    """python -m slm_export.benchmark RESULTS_JSON: print its markdown table."""
-    import sys
+def _find(rows: list[dict[str, Any]], **want) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
 
-    path = Path((argv or sys.argv[1:])[0])
-    doc = json.loads(path.read_text())
+
+def summary_table(doc: dict[str, Any]) -> str:
+    """One markdown row per backend and variant: what a deployment chooses between (file size,
+    load time, decode tokens/s at batch 1 / 8 / 32, speculative decoding against the plain
+    row of the same length, the 128-token prefill) from a results.json."""
+    rows = doc["results"]
+    head = ("| backend | variant | file MB | load s | b1 tok/s | b8 tok/s | b32 tok/s | b8 / b1 "
+            "| ngram spec. tok/s | draft spec. tok/s | prefill 128 ms | peak mem MB |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+
+    def tps(row):
+        return "-" if row is None else f"{row['tokens_per_s']:.1f}"
+
+    def spec(drafter, plain):
+        row = _find(same, scenario="speculative", drafter=drafter)
+        if row is None:
+            return "-"
+        gain = f" ({row['tokens_per_s'] / plain['tokens_per_s']:.2f}x)" if plain else ""
+        return f"{row['tokens_per_s']:.1f}{gain}"
+
+    seen: list[tuple[str, str]] = []
+    for r in _sorted_rows(rows):
+        if (r["backend"], r["variant"]) not in seen:
+            seen.append((r["backend"], r["variant"]))
+    for backend, variant in seen:
+        same = [r for r in rows if r["backend"] == backend and r["variant"] == variant]
+        b1, b8, b32 = (_find(same, scenario="decode", batch=b, new_tokens=124) for b in (1, 8, 32))
+        plain200 = _find(same, scenario="decode", batch=1, new_tokens=200)
+        prefill = _find(same, scenario="prefill", prompt_tokens=128)
+        ratio = f"{b8['tokens_per_s'] / b1['tokens_per_s']:.2f}x" if b1 and b8 else "-"
+        file_mb, load_s = same[0].get("file_mb"), same[0].get("load_s")
+        peak = max((r["peak_mem_mb"] for r in same if r.get("peak_mem_mb") is not None), default=None)
+        cells = [backend, variant, "-" if file_mb is None else f"{file_mb:.1f}",
+                 "-" if load_s is None else f"{load_s:.2f}", tps(b1), tps(b8), tps(b32), ratio,
+                 spec("ngram", plain200), spec("draft", plain200),
+                 "-" if prefill is None else f"{prefill['ttft_ms']:.1f}",
+                 "-" if peak is None else f"{peak:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"results": markdown_table, "summary": summary_table}
+# A generated block in a markdown file: <!-- results: FILE --> ... <!-- end -->, FILE relative
+# to the repository root.
+BLOCK = re.compile(r"(<!-- (results|summary): (\S+) -->\n)(.*?)(<!-- end -->)", re.DOTALL)
+
+
+def regenerate(markdown: str, root: str | os.PathLike = ".") -> str:
+    """``markdown`` with every generated block rebuilt from its results file."""
+    def table(m: re.Match) -> str:
+        doc = json.loads((Path(root) / m.group(3)).read_text())
+        check_results(doc)
+        return m.group(1) + TABLES[m.group(2)](doc) + m.group(5)
+
+    return BLOCK.sub(table, markdown)
+
+
+def main(argv=None) -> int:
+    """python -m slm_export.benchmark RESULTS_JSON [--summary]: print its markdown table;
+    python -m slm_export.benchmark --update FILE.md: rebuild FILE.md's generated blocks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m slm_export.benchmark")
+    parser.add_argument("results", nargs="?", help="a results.json to print as a table")
+    parser.add_argument("--summary", action="store_true", help="one row per backend and variant")
+    parser.add_argument("--update", metavar="FILE.md",
+                        help="rewrite the <!-- results|summary: FILE --> blocks of FILE.md")
+    args = parser.parse_args(argv)
+    if args.update:
+        path = Path(args.update)
+        path.write_text(regenerate(path.read_text()))
+        return 0
+    if not args.results:
+        parser.error("give a results.json or --update FILE.md")
+    doc = json.loads(Path(args.results).read_text())
     check_results(doc)
-    sys.stdout.write(markdown_table(doc))
+    sys.stdout.write((summary_table if args.summary else markdown_table)(doc))
     return 0
 
 

@@ -105,3 +105,30 @@ def test_table_renders_every_row():
     console.print(bm.results_table(rows))
     text = console.export_text()
     assert "naive" in text and "int8" in text and "6.25x" in text
+
+
+def test_summary_puts_each_backend_on_one_row(tmp_path):
+    rows = [_row("ort", 100.0, new_tokens=124, extra={"file_mb": 9.5, "load_s": 0.25}),
+            _row("ort", 400.0, batch=8, new_tokens=124),
+            _row("ort", 90.0),  # the plain batch-1 / 200-token row speculation is compared with
+            _row("ort", 180.0, scenario="speculative", extra={"drafter": "ngram"}),
+            _row("eager", 50.0, new_tokens=124, peak_mem_mb=99.0)]
+    doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
+    table = bm.summary_table(doc).splitlines()
+    assert len(table) == 2 + 2
+    ort = next(line for line in table if line.startswith("| ort "))
+    assert [c.strip() for c in ort.split("|")[1:-1]] == [
+        "ort", "fp32", "9.5", "0.25", "100.0", "400.0", "-", "4.00x", "180.0 (2.00x)", "-", "-", "12"]
+
+
+def test_published_tables_are_regenerated_from_committed_results():
+    """Every table between <!-- results|summary: FILE --> and <!-- end --> in bench/RESULTS.md
+    is what `python -m slm_export.benchmark --update bench/RESULTS.md` makes of a committed
+    results file: no published number without its source."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "bench" / "RESULTS.md").read_text()
+    sources = {m.group(3) for m in bm.BLOCK.finditer(text)}
+    assert sources and all(s.startswith("bench/results/") for s in sources), sources
+    assert bm.regenerate(text, root) == text
