@@ -411,10 +411,59 @@ def summary_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"results": markdown_table, "summary": summary_table}
+def _top1(row: dict[str, Any] | None) -> float | None:
+    """The top-1 agreement with eager a variant's row was checked with (its parity cell)."""
+    m = re.search(r"top-1 agreement ([0-9.]+)", (row or {}).get("parity") or "")
+    return float(m.group(1)) if m else None
+
+
+def targets_table(doc: dict[str, Any]) -> str:
+    """The speed targets of the project's issues, each met or not, from a results.json:
+    batch-1 and batched decode (124 tokens, inside the window), naive as the baseline, the
+    speculative rows against the plain 200-token row of the same backend."""
+    rows = doc["results"]
+
+    def decode(backend, variant="fp32", batch=1, new_tokens=124):
+        return _find(rows, scenario="decode", backend=backend, variant=variant, batch=batch,
+                     new_tokens=new_tokens)
+
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def target(name: str, value: float | None, goal: float, shown: str = "{:.2f}x") -> None:
+        """``shown``: how ``value`` is printed (a format string)."""
+        cells = ("not measured", "-") if value is None else (
+            shown.format(value), "yes" if value >= goal else "no")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+
+    def ratio(a, b):
+        return None if a is None or b is None else a["tokens_per_s"] / b["tokens_per_s"]
+
+    ort = decode("ort")
+    target("ort fp32, batch 1: >= 90% of the fp32 roofline", ort and ort["roofline_pct"], 90,
+           "{:.0f}%")
+    for backend, goal in (("eager", 2.5), ("torchscript", 2.5), ("compiled", 3.0)):
+        r = ratio(decode(backend), decode("naive"))
+        target(f"{backend}, batch 1: >= {goal}x naive", r, goal)
+    for backend, goal in (("ort", 4.0), ("compiled", 3.0)):
+        r = ratio(decode(backend, batch=8), decode(backend))
+        target(f"{backend} fp32: batch 8 >= {goal}x its batch-1 tokens/s", r, goal)
+    r = ratio(decode("ort", "int4"), decode("ort", "int8"))
+    target("ort int4, batch 1: >= 1.5x int8", r, 1.5)
+    target("ort int4: top-1 agreement with fp32 >= 0.95", _top1(decode("ort", "int4")), 0.95,
+           "{:.3f}")
+    for r in sorted((r for r in rows if r.get("scenario") == "speculative"),
+                    key=lambda r: (r["backend"], r["variant"], r.get("drafter", ""))):
+        name = f"{r['backend']}{'' if r['variant'] == 'fp32' else ' ' + r['variant']}"
+        gain = ratio(r, decode(r["backend"], r["variant"], new_tokens=200))
+        target(f"{name} + {r['drafter']} speculation: >= 1.5x its plain greedy", gain, 1.5,
+               f"{{:.2f}}x ({r['tokens_per_s']:.0f} tok/s, {r['roofline_pct']:.0f}% of the roofline)")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"results": markdown_table, "summary": summary_table, "targets": targets_table}
 # A generated block in a markdown file: <!-- results: FILE --> ... <!-- end -->, FILE relative
 # to the repository root.
-BLOCK = re.compile(r"(<!-- (results|summary): (\S+) -->\n)(.*?)(<!-- end -->)", re.DOTALL)
+BLOCK = re.compile(r"(<!-- (results|summary|targets): (\S+) -->\n)(.*?)(<!-- end -->)", re.DOTALL)
 
 
 def regenerate(markdown: str, root: str | os.PathLike = ".") -> str:
@@ -436,7 +485,7 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="?", help="a results.json to print as a table")
     parser.add_argument("--summary", action="store_true", help="one row per backend and variant")
     parser.add_argument("--update", metavar="FILE.md",
-                        help="rewrite the <!-- results|summary: FILE --> blocks of FILE.md")
+                        help="rewrite the <!-- results|summary|targets: FILE --> blocks of FILE.md")
     args = parser.parse_args(argv)
     if args.update:
         path = Path(args.update)

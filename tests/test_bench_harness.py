@@ -121,14 +121,36 @@ def test_summary_puts_each_backend_on_one_row(tmp_path):
         "ort", "fp32", "9.5", "0.25", "100.0", "400.0", "-", "4.00x", "180.0 (2.00x)", "-", "-", "12"]
 
 
-def test_published_tables_are_regenerated_from_committed_results():
-    """Every table between <!-- results|summary: FILE --> and <!-- end --> in bench/RESULTS.md
-    is what `python -m slm_export.benchmark --update bench/RESULTS.md` makes of a committed
-    results file: no published number without its source."""
+@pytest.mark.parametrize("page", ["bench/RESULTS.md", "README.md"])
+def test_published_tables_are_regenerated_from_committed_results(page):
+    """Every table between <!-- results|summary|targets: FILE --> and <!-- end --> is what
+    `python -m slm_export.benchmark --update PAGE` makes of a committed results file: no
+    published number without its source."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "bench" / "RESULTS.md").read_text()
+    text = (root / page).read_text()
     sources = {m.group(3) for m in bm.BLOCK.finditer(text)}
     assert sources and all(s.startswith("bench/results/") for s in sources), sources
     assert bm.regenerate(text, root) == text
+
+
+def test_targets_say_met_or_not_from_the_rows(tmp_path):
+    rows = [_row("ort", 300.0, new_tokens=124, roofline_pct=95.0),
+            _row("ort", 1200.0, batch=8, new_tokens=124),
+            _row("naive", 100.0, new_tokens=124),
+            _row("eager", 200.0, new_tokens=124),
+            _row("ort", 280.0, roofline_pct=89.0),
+            _row("ort", 560.0, scenario="speculative", roofline_pct=180.0, extra={"drafter": "ngram"}),
+            _row("ort", 500.0, variant="int4", new_tokens=124,
+                 extra={"parity": "top-1 agreement 0.912"})]
+    doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
+    got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]
+           for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
+    assert got["ort fp32, batch 1: >= 90% of the fp32 roofline"] == ["95%", "yes"]
+    assert got["eager, batch 1: >= 2.5x naive"] == ["2.00x", "no"]
+    assert got["torchscript, batch 1: >= 2.5x naive"] == ["not measured", "-"]
+    assert got["ort fp32: batch 8 >= 4.0x its batch-1 tokens/s"] == ["4.00x", "yes"]
+    assert got["ort int4: top-1 agreement with fp32 >= 0.95"] == ["0.912", "no"]
+    assert got["ort + ngram speculation: >= 1.5x its plain greedy"] == [
+        "2.00x (560 tok/s, 180% of the roofline)", "yes"]
