@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def _aoti_package(folder: Path, model, device: str) -> Path:
     return folder / "export-cuda"
 
 
-def smoke_runs(devices: list[str]) -> list[Smoke]:
-    """Greedy SMOKE_TOKENS from every backend on every device, each against eager on the CPU."""
+def smoke_runs(devices: list[str], backends: Sequence[str] | None = None) -> list[Smoke]:
+    """Greedy SMOKE_TOKENS from each backend (default: all) on every device, each against
+    eager on the CPU."""
     from slm_export.export.aoti import compiler_problem
     from slm_export.runtime import BACKENDS, GREEDY, backend_for_model, generate, load_backend
 
@@ -110,7 +112,7 @@ def smoke_runs(devices: list[str]) -> list[Smoke]:
         want = generate(backend_for_model("eager", model), SMOKE_PROMPTS, **kw).tokens
         results = []
         for device in devices:
-            for name in BACKENDS:
+            for name in backends or BACKENDS:
                 start = time.perf_counter()
                 if name == "aoti" and (problem := compiler_problem()):
                     results.append(Smoke(name, device, "SKIP", problem, 0.0))
@@ -156,14 +158,25 @@ def print_report(rows, smokes: list[Smoke], console) -> None:
     console.print(table)
 
 
+def _backend_list(text: str) -> list[str]:
+    from slm_export.runtime import BACKENDS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BACKENDS)}")
+    return names
+
+
 def main(argv=None) -> int:
     from rich.console import Console
 
     p = argparse.ArgumentParser(prog="slm-doctor", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="also write the findings as JSON to this file")
+    p.add_argument("--backends", type=_backend_list, default=None,
+                   help="comma-separated backends to smoke-run (default: all)")
     args = p.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows, smokes = facts(), smoke_runs(devices)
+    rows, smokes = facts(), smoke_runs(devices, args.backends)
     print_report(rows, smokes, Console(width=160))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

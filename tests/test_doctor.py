@@ -34,7 +34,7 @@ def test_doctor_on_this_machine(tmp_path):
         assert not any(device == "cuda" for _, device in smokes)
 
 
-def test_doctor_reports_a_failing_backend(monkeypatch):
+def test_doctor_reports_a_failing_backend(monkeypatch, tmp_path):
     """A backend that gives other tokens is a FAIL with a reason, and the exit code says so."""
     from slm_export import doctor
     from slm_export.runtime import eager
@@ -46,7 +46,16 @@ def test_doctor_reports_a_failing_backend(monkeypatch):
         return logits.roll(1, dims=-1), state
 
     monkeypatch.setattr(eager.EagerBackend, "decode", off_by_one)
-    smokes = doctor.smoke_runs(["cpu"])
-    by_name = {s.backend: s for s in smokes}
-    # eager is also the reference, so the reference changes too: compare with the others
-    assert by_name["naive"].status == "FAIL" and "differ" in by_name["naive"].detail
+    out = tmp_path / "doctor.json"
+    assert doctor.main(["--backends", "naive", "--json", str(out)]) == 1
+    # eager is also the reference, so the reference changes too: compare with another backend
+    (naive,) = json.loads(out.read_text())["smoke"]
+    assert naive["backend"] == "naive" and naive["status"] == "FAIL" and "differ" in naive["detail"]
+
+
+def test_doctor_refuses_an_unknown_backend(capsys):
+    from slm_export import doctor
+
+    with pytest.raises(SystemExit) as exit_:
+        doctor.main(["--backends", "eager,tensorrt"])
+    assert exit_.value.code == 2 and "choose from eager" in capsys.readouterr().err
