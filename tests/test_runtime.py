@@ -396,3 +396,30 @@ def test_tampered_export_is_refused(tmp_path, export_dir):
     (copy / "onnx/model.onnx").write_bytes(bytes(data))
     with pytest.raises(SlmError, match="SHA-256|manifest"):
         load_backend("ort", copy)
+
+
+def test_the_loop_samples_on_the_backends_host_threads(backends, prompt_ids, monkeypatch):
+    """ort on the CPU asks for one torch thread for the loop's work on its outputs (its own
+    pool spins on the cores after each run): sampling and verifying run under it, and torch's
+    setting is back afterwards. The speed it buys is in bench/RESULTS.md."""
+    from slm_export.runtime import generation
+    from slm_export.runtime.speculative import NgramDrafter
+
+    ort_backend = backends["ort"]
+    assert ort_backend.host_threads == 1 and getattr(backends["eager"], "host_threads", None) is None
+    seen = []
+    for name in ("sample", "verify"):
+        real = getattr(generation, name)
+        monkeypatch.setattr(generation, name, lambda *a, _real=real, **k: (
+            seen.append(torch.get_num_threads()), _real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = generate(ort_backend, prompt_ids[:2], max_new_tokens=8, sampling=GREEDY, stop_id=None)
+        spec = generate(ort_backend, prompt_ids[:2], max_new_tokens=8, sampling=GREEDY,
+                        stop_id=None, drafter=NgramDrafter())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert spec.tokens == plain.tokens and spec.stats.verify_steps > 0
+    assert len(seen) >= 9 and set(seen) == {1}

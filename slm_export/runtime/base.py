@@ -14,6 +14,10 @@ rules, context overflow, streaming) lives in ``generation.py`` and is written on
 - ``rewind(state, length)``: the state with only its first ``length`` positions (a rejected
   speculation is dropped): functional caches slice, static caches move their position.
 
+Optional attribute ``host_threads``: torch's intra-op threads for the loop's own tensor work
+on this backend's outputs (sampling, verifying drafts, rewinding); absent or None: torch's
+setting. The ort backend on the CPU sets 1 (see ``ort.py``).
+
 Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime). A state is
 a value: ``decode`` returns a new one and leaves the old one as it was, except where a
 backend keeps its cache in preallocated storage (``compiled``, ``aoti``): there a backend serves one
@@ -23,8 +27,9 @@ states (decoding one raises ``StaleStateError``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,6 +74,20 @@ class Backend(Protocol):
     def score(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
     def rewind(self, state: State, length: int) -> State: ...
+
+
+@contextlib.contextmanager
+def host_threads(backend: Backend) -> Iterator[None]:
+    """torch's intra-op thread count set to ``backend.host_threads`` inside, if it has one."""
+    n, before = getattr(backend, "host_threads", None), torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def window_mask(attention_mask: torch.Tensor | None, batch: int, block_size: int,

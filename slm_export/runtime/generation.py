@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slm_export.runtime.base import Backend, State, left_pad
+from slm_export.runtime.base import Backend, State, host_threads, left_pad
 from slm_export.runtime.sampling import SamplingConfig, make_generator, sample
 from slm_export.runtime.speculative import Drafter, pad_drafts, verify
 from slm_export.tokenizer import EOT_ID, get_encoding
@@ -155,7 +155,8 @@ class TokenStream:
             logits, state = self.backend.decode(self._pending, state)
             self.stats.decodes += 1
         self._state = state
-        self._pending = sample(logits, self.sampling, self.generator)
+        with host_threads(self.backend):
+            self._pending = sample(logits, self.sampling, self.generator)
         return [[t] for t in self._pending.tolist()]
 
     def _drafts(self, state: State) -> torch.Tensor | None:
@@ -173,10 +174,11 @@ class TokenStream:
         fed = torch.cat([self._pending.unsqueeze(1), drafts], dim=1)  # (B, 1 + K)
         logits, state = self.backend.score(fed, state)
         active = torch.tensor(self.active, device=logits.device)
-        n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
         K = drafts.size(1)
-        if n < K:  # the rejected drafts leave the cache
-            state = self.backend.rewind(state, state.length - (K - n))
+        with host_threads(self.backend):
+            n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
+            if n < K:  # the rejected drafts leave the cache
+                state = self.backend.rewind(state, state.length - (K - n))
         self.drafter.commit(n)
         rows = int(active.sum())
         self.stats.verify_steps += 1

@@ -43,6 +43,12 @@ NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64
 class OrtBackend(GraphBackend):
     name = "ort"
     dense_cache = True  # bound by pointer
+    # The loop's torch work on our outputs (argmax over (B, 50257) logits, a rewind's copy)
+    # runs on one thread on the CPU: ORT's own pool keeps spinning on the cores for a while
+    # after each run, and a 2-thread torch region then waits for a core it holds. Measured
+    # on the 30m model, 2 cores: batch 8 fp32 452 -> 700 tok/s, int8 690 -> 1468, batch 1
+    # unchanged (bench/RESULTS.md).
+    host_threads: int | None = 1
 
     def __init__(self, path: str | os.PathLike, config: GPTConfig,
                  device: torch.device | str = "cpu", threads: int | None = None):
@@ -52,6 +58,7 @@ class OrtBackend(GraphBackend):
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             providers = self._cuda_providers()
+            self.host_threads = None  # the loop's work runs on the GPU
         self.session = ort_session(path, providers, threads)
         self._check_providers(path, providers[0])
         self._check_signature(path)
