@@ -22,6 +22,7 @@ import torch
 
 from slm_export import benchmark as bm
 from slm_export.runtime import GREEDY, TokenStream
+from slm_export.runtime.base import host_threads
 from slm_export.runtime.speculative import ModelDrafter, NgramDrafter
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time" in GPT-2 BPE: a 4-token prompt
@@ -39,6 +40,12 @@ def run_stream(backend, prompts, new_tokens: int, drafter=None):
     stream = TokenStream(backend, prompts, max_new_tokens=new_tokens, sampling=GREEDY,
                          stop_id=None, drafter=drafter, draft_tokens=DRAFT_TOKENS)
     steps = []
+    with host_threads(backend):  # as generate() and generate.py run it
+        _steps(stream, steps)
+    return stream.result(), steps[1:]  # the first step is the prefill (TTFT)
+
+
+def _steps(stream, steps: list) -> None:
     while True:
         start = time.perf_counter()
         try:
@@ -46,7 +53,6 @@ def run_stream(backend, prompts, new_tokens: int, drafter=None):
         except StopIteration:
             break
         steps.append(time.perf_counter() - start)
-    return stream.result(), steps[1:]  # the first step is the prefill (TTFT)
 
 
 def _compile_seconds() -> float:

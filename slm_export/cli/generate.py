@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args)
 
     from slm_export.runtime import SamplingConfig, TokenStream, make_generator
+    from slm_export.runtime.base import host_threads
     from slm_export.tokenizer import encode
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
                          overflow=args.overflow, drafter=_drafter(args, backend),
                          draft_tokens=args.draft_tokens)
     live = sys.stdout.isatty() if args.stream is None else args.stream
-    write_rows(stream, rows, sys.stdout, live)
+    with host_threads(backend):
+        write_rows(stream, rows, sys.stdout, live)
     return 0
 
 

@@ -14,9 +14,10 @@ rules, context overflow, streaming) lives in ``generation.py`` and is written on
 - ``rewind(state, length)``: the state with only its first ``length`` positions (a rejected
   speculation is dropped): functional caches slice, static caches move their position.
 
-Optional attribute ``host_threads``: torch's intra-op threads for the loop's own tensor work
-on this backend's outputs (sampling, verifying drafts, rewinding); absent or None: torch's
-setting. The ort backend on the CPU sets 1 (see ``ort.py``).
+Optional attribute ``host_threads``: the torch intra-op thread count a whole generation on
+this backend should run under (``host_threads(backend)``; ``generate`` and generate.py apply
+it, a ``TokenStream`` user wraps the loop); absent or None: torch's own setting. The ort
+backend on the CPU asks for 1 (see ``ort.py``).
 
 Logits are float32 torch tensors on ``backend.device`` (CPU for a CPU runtime). A state is
 a value: ``decode`` returns a new one and leaves the old one as it was, except where a
@@ -78,7 +79,10 @@ class Backend(Protocol):
 
 @contextlib.contextmanager
 def host_threads(backend: Backend) -> Iterator[None]:
-    """torch's intra-op thread count set to ``backend.host_threads`` inside, if it has one."""
+    """torch's intra-op thread count set to ``backend.host_threads`` inside, if it has one.
+
+    For a whole generation, not per step: switching the count back and forth between steps
+    wakes torch's OpenMP workers each time, which is the contention it avoids."""
     n, before = getattr(backend, "host_threads", None), torch.get_num_threads()
     if n is None or n == before:
         yield

@@ -155,8 +155,7 @@ class TokenStream:
             logits, state = self.backend.decode(self._pending, state)
             self.stats.decodes += 1
         self._state = state
-        with host_threads(self.backend):
-            self._pending = sample(logits, self.sampling, self.generator)
+        self._pending = sample(logits, self.sampling, self.generator)
         return [[t] for t in self._pending.tolist()]
 
     def _drafts(self, state: State) -> torch.Tensor | None:
@@ -175,10 +174,9 @@ class TokenStream:
         logits, state = self.backend.score(fed, state)
         active = torch.tensor(self.active, device=logits.device)
         K = drafts.size(1)
-        with host_threads(self.backend):
-            n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
-            if n < K:  # the rejected drafts leave the cache
-                state = self.backend.rewind(state, state.length - (K - n))
+        n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
+        if n < K:  # the rejected drafts leave the cache
+            state = self.backend.rewind(state, state.length - (K - n))
         self.drafter.commit(n)
         rows = int(active.sum())
         self.stats.verify_steps += 1
@@ -198,12 +196,16 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_toke
              sampling: SamplingConfig, generator: torch.Generator | None = None,
              overflow: str = "rebase", stop_id: int | None = EOT_ID,
              drafter: Drafter | None = None, draft_tokens: int = 4) -> Generation:
-    """Generate for a batch of token-id prompts; -> new tokens per row, finish reasons, stats."""
+    """Generate for a batch of token-id prompts; -> new tokens per row, finish reasons, stats.
+
+    Runs on the backend's ``host_threads`` torch threads, if it names any (restored after).
+    """
     stream = TokenStream(backend, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                          generator=generator, overflow=overflow, stop_id=stop_id,
                          drafter=drafter, draft_tokens=draft_tokens)
-    for _ in stream:
-        pass
+    with host_threads(backend):
+        for _ in stream:
+            pass
     return stream.result()
 
 

@@ -43,11 +43,10 @@ NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64
 class OrtBackend(GraphBackend):
     name = "ort"
     dense_cache = True  # bound by pointer
-    # The loop's torch work on our outputs (argmax over (B, 50257) logits, a rewind's copy)
-    # runs on one thread on the CPU: ORT's own pool keeps spinning on the cores for a while
-    # after each run, and a 2-thread torch region then waits for a core it holds. Measured
-    # on the 30m model, 2 cores: batch 8 fp32 452 -> 700 tok/s, int8 690 -> 1468, batch 1
-    # unchanged (bench/RESULTS.md).
+    # A generation on this backend runs with one torch thread on the CPU (base.host_threads):
+    # ORT's own pool does the arithmetic and keeps spinning on the cores between runs, and
+    # torch's OpenMP workers (woken by the loop's sampling and copies) then compete with it
+    # for the same cores. Measured on the 30m model, 2 cores: see bench/RESULTS.md.
     host_threads: int | None = 1
 
     def __init__(self, path: str | os.PathLike, config: GPTConfig,
