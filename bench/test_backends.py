@@ -41,18 +41,14 @@ def run_stream(backend, prompts, new_tokens: int, drafter=None):
                          stop_id=None, drafter=drafter, draft_tokens=DRAFT_TOKENS)
     steps = []
     with host_threads(backend):  # as generate() and generate.py run it
-        _steps(stream, steps)
+        while True:
+            start = time.perf_counter()
+            try:
+                next(stream)
+            except StopIteration:
+                break
+            steps.append(time.perf_counter() - start)
     return stream.result(), steps[1:]  # the first step is the prefill (TTFT)
-
-
-def _steps(stream, steps: list) -> None:
-    while True:
-        start = time.perf_counter()
-        try:
-            next(stream)
-        except StopIteration:
-            break
-        steps.append(time.perf_counter() - start)
 
 
 def _compile_seconds() -> float:

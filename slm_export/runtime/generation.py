@@ -173,8 +173,8 @@ class TokenStream:
         fed = torch.cat([self._pending.unsqueeze(1), drafts], dim=1)  # (B, 1 + K)
         logits, state = self.backend.score(fed, state)
         active = torch.tensor(self.active, device=logits.device)
-        K = drafts.size(1)
         n, tokens = verify(logits, drafts, active, self.sampling, self.generator)
+        K = drafts.size(1)
         if n < K:  # the rejected drafts leave the cache
             state = self.backend.rewind(state, state.length - (K - n))
         self.drafter.commit(n)
