@@ -54,6 +54,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-draft", default=None,
                 help="run folder of the draft model for the speculative rows (default: the tiny "
                      "preset trained here, when the model under test is larger)")
+    g.addoption("--bench-draft-variant", default="int4",
+                help="ONNX variant of the draft model, run through ort (default int4)")
     g.addoption("--bench-backends", default=None,
                 help="comma-separated subset, e.g. eager,ort,ort-int8 (default: all)")
     g.addoption("--bench-threads", type=int, default=None,
@@ -108,6 +110,7 @@ class Bench:
     full: bool
     bandwidth: float  # bytes/s, measured here with `threads` threads
     draft_dir: Path | None = None  # a smaller trained model of the same tokenizer, if any
+    draft_variant: str = "int4"  # its ONNX variant, run through ort
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
     results: list[bm.Result] = field(default_factory=list)
     _eager: object = None
@@ -216,7 +219,8 @@ def bench(request) -> Bench:
     bandwidth = bm.measure_read_bandwidth(device, threads)
     _BENCH = Bench(model_dir=model_dir, preset=preset, config=_model_config(model_dir),
                    device=device, threads=threads, quick=opt("--bench-quick"),
-                   full=opt("--bench-full"), bandwidth=bandwidth, draft_dir=draft)
+                   full=opt("--bench-full"), bandwidth=bandwidth, draft_dir=draft,
+                   draft_variant=opt("--bench-draft-variant"))
     return _BENCH
 
 
@@ -278,6 +282,7 @@ def write_results(b: Bench, path: str) -> Path:
         "roofline_tokens_per_s_fp32_batch1": round(bm.roofline_tokens_per_s(b.bandwidth, b.config), 1),
         "model": str(b.model_dir),
         "draft_model": None if b.draft_dir is None else str(b.draft_dir),
+        "draft_variant": b.draft_variant,
     })
 
 

@@ -23,11 +23,11 @@ import torch
 from slm_export import benchmark as bm
 from slm_export.runtime import GREEDY, TokenStream
 from slm_export.runtime.base import host_threads
-from slm_export.runtime.speculative import ModelDrafter, NgramDrafter
+from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time" in GPT-2 BPE: a 4-token prompt
 MIN_TOP1 = {"int8": 0.9, "int4": 0.85, "fp16": 0.98}  # agreement with eager's top-1 choices
-DRAFT_TOKENS = 4
+DRAFT_TOKENS = {"ngram": 4, "draft": 6}  # at most: the draft model stops early where unsure
 
 
 def _prompt_ids(length: int, vocab: int) -> list[int]:
@@ -35,10 +35,10 @@ def _prompt_ids(length: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=gen).tolist()
 
 
-def run_stream(backend, prompts, new_tokens: int, drafter=None):
+def run_stream(backend, prompts, new_tokens: int, drafter=None, draft_tokens: int = 4):
     """The loop users run, timing each step: -> (Generation, seconds per decode step)."""
     stream = TokenStream(backend, prompts, max_new_tokens=new_tokens, sampling=GREEDY,
-                         stop_id=None, drafter=drafter, draft_tokens=DRAFT_TOKENS)
+                         stop_id=None, drafter=drafter, draft_tokens=draft_tokens)
     steps = []
     with host_threads(backend):  # as generate() and generate.py run it
         while True:
@@ -182,19 +182,19 @@ def test_speculative(benchmark, bench, case, drafter):
     if drafter == "draft" and bench.draft_dir is None:
         pytest.skip("no draft model: --bench-draft DIR, or the default 30m run (tiny drafts)")
     draft_backend = None
-    if drafter == "draft":
-        from slm_export.runtime import load_backend
-
-        draft_backend = load_backend("ort", bench.draft_dir, bench.device, threads=bench.threads)
+    if drafter == "draft":  # as generate.py --draft-backend ort --draft-variant runs it
+        draft_backend = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant)
 
     def call():
         made = NgramDrafter() if drafter == "ngram" else ModelDrafter(draft_backend)
-        return run_stream(case.backend, [PROMPT], 200, made)
+        return run_stream(case.backend, [PROMPT], 200, made, DRAFT_TOKENS[drafter])
 
     (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call)
     extra.update(check_first_round(bench, case, [PROMPT], gen.tokens))
     s = gen.stats
-    extra.update(drafter=drafter, draft_tokens=DRAFT_TOKENS, acceptance=round(s.acceptance or 0, 3),
+    if drafter == "draft":
+        extra.update(draft_variant=bench.draft_variant)
+    extra.update(drafter=drafter, draft_tokens=DRAFT_TOKENS[drafter], acceptance=round(s.acceptance or 0, 3),
                  tokens_per_verify_step=round(s.new_tokens / max(1, s.verify_steps), 2))
     fields = _throughput_fields(bench, case, 1, 200, outs, extra)
     _record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,

@@ -221,6 +221,14 @@ ROWS = {
                                   2, "invalid choice"),
     "generate: --device cuda without CUDA": ("generate", lambda g, t: ["--device", "cuda"],
                                              2, "CUDA"),
+    "generate: --draft-variant for a torch draft": (
+        "generate", lambda g, t: ["--speculative", "draft", "--draft-model", str(g["run"]),
+                                  "--draft-variant", "int4"],
+        2, "--draft-variant int4 needs an ort draft"),
+    "generate: --draft-variant the draft's export lacks": (
+        "generate", lambda g, t: ["--speculative", "draft", "--draft-model", str(g["export"]),
+                                  "--draft-backend", "ort", "--draft-variant", "int4"],
+        2, "has no onnx_kv file in int4"),
     # not an error: a prompt longer than the context is cropped to its last block_size tokens
     "generate: prompt longer than the context (ort)": (
         "generate", lambda g, t: ["--backend", "ort", "--model", str(g["export"]),

@@ -99,14 +99,17 @@ def test_streaming_several_prompts_gives_the_batch_text(monkeypatch, tmp_path, t
     assert len(streamed.writes) > 20 and len(batched.writes) == 1
 
 
-def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_ckpt, tiny_ckpt):
+def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_ckpt, tiny_ckpt,
+                                                trained_export):
     path = tmp_path / "prompts.txt"
     path.write_text("Once upon a time\nThe little dog was sad because\n", encoding="utf-8")
     argv = ["--model", trained_ckpt, "--prompt-file", str(path), "--greedy", "--no-stream",
             "--max-new-tokens", "150"]
     plain = run_main(monkeypatch, argv).getvalue()
     for extra in (["--speculative", "ngram"], ["--speculative", "ngram", "--draft-tokens", "6"],
-                  ["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "naive"]):
+                  ["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "naive"],
+                  ["--speculative", "draft", "--draft-model", str(trained_export),
+                   "--draft-backend", "ort", "--draft-variant", "int4", "--draft-tokens", "6"]):
         assert run_main(monkeypatch, [*argv, *extra]).getvalue() == plain, extra
     proc = _cli(["--model", tiny_ckpt, "--speculative", "draft", "--max-new-tokens", "2"])
     assert proc.returncode == 2 and "needs --draft-model" in proc.stderr

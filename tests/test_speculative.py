@@ -13,7 +13,7 @@ import torch
 from slm_export.config import GPTConfig
 from slm_export.model import GPT
 from slm_export.runtime import GREEDY, SamplingConfig, backend_for_model, generate, load_backend
-from slm_export.runtime.speculative import ModelDrafter, NgramDrafter
+from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 from slm_export.tokenizer import encode
 
 pytestmark = pytest.mark.slow
@@ -36,8 +36,9 @@ def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model):
     ngram = generate(backend, rows, drafter=NgramDrafter(), draft_tokens=4, **kw)
     assert ngram.tokens == plain.tokens and ngram.stats.prefills == plain.stats.prefills > 1
     assert ngram.stats.accepted > 0 and ngram.stats.verify_steps < plain.stats.decodes
-    # An unrelated random draft model: nearly every draft is rejected and rewound.
-    draft = ModelDrafter(backend_for_model("eager", tiny_model))
+    # An unrelated random draft model: nearly every draft is rejected and rewound (drafting
+    # all 3 each step, however unsure it is).
+    draft = ModelDrafter(backend_for_model("eager", tiny_model), min_confidence=0)
     bad = generate(backend, rows, drafter=draft, draft_tokens=3, **kw)
     assert bad.tokens == plain.tokens and bad.stats.acceptance < 0.2
     alone = generate(backend, rows[:1], drafter=NgramDrafter(), draft_tokens=4, **kw)
@@ -99,12 +100,14 @@ def chi_square(samples, probs):
     return sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
 
 
-@pytest.mark.parametrize("drafter", ["none", "fixed", "self"])
+@pytest.mark.parametrize("drafter", ["none", "fixed", "self", "unsure"])
 def test_speculative_sampling_keeps_the_distribution(drafter, small):
     prompt, rows, runs = [1, 2], 8, 500
     backend = backend_for_model("eager", small)
     make = {"none": lambda: None, "fixed": FixedDrafter,
-            "self": lambda: ModelDrafter(backend_for_model("eager", small))}[drafter]
+            "self": lambda: ModelDrafter(backend_for_model("eager", small), min_confidence=0),
+            "unsure": lambda: ModelDrafter(backend_for_model("eager", small),
+                                           min_confidence=0.3)}[drafter]
     cfg = SamplingConfig(temperature=1.0, top_k=None)
     gen = torch.Generator().manual_seed(11)
     samples = []
@@ -115,3 +118,32 @@ def test_speculative_sampling_keeps_the_distribution(drafter, small):
     chi2, df = chi_square(samples, exact_joint(small, prompt))
     assert df >= 10  # enough populated cells for the test to mean something
     assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)  # mean + 5 sd of chi-square(df)
+
+
+def test_a_draft_model_stops_drafting_where_it_is_unsure(small):
+    """A step's drafts continue while the draft model gives its latest guess at least
+    ``min_confidence``: the first draft always, the next ones only after confident ones."""
+    backend = backend_for_model("eager", small)
+    history = [[1, 2, 3, 0, 1]]
+    full = ModelDrafter(backend, min_confidence=0).propose(history, 4)[0]
+    assert len(full) == 4
+    with torch.no_grad():  # the draft model's probability of each of its guesses
+        p = [torch.softmax(small(torch.tensor([history[0] + full[:i]]))[0][0, -1], -1)[t].item()
+             for i, t in enumerate(full)]
+    for threshold in (*p, 1.01):
+        leading = next((i for i, q in enumerate(p[:3]) if q < threshold), 3)
+        drafts = ModelDrafter(backend, min_confidence=threshold).propose(history, 4)[0]
+        assert drafts == full[:1 + leading], (threshold, p)
+    assert len({len(ModelDrafter(backend, min_confidence=t).propose(history, 4)[0])
+                for t in (*p, 1.01)}) > 2  # the thresholds above cut at different lengths
+
+
+def test_an_ort_draft_on_the_cpu_runs_on_one_intra_op_thread(trained):
+    """Two ORT thread pools spinning on the same cores slow each other (bench/RESULTS.md):
+    the draft runs on the caller's thread, the target keeps its pool."""
+    _, folder = trained
+    target = load_backend("ort", folder)
+    draft = load_draft("ort", folder, target, "int4")
+    assert draft.session.get_session_options().intra_op_num_threads == 1
+    assert target.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    assert "int4" in str(draft.path)

@@ -11,7 +11,8 @@ their resampled (or, at n = K, bonus) token. The cache is rewound to the kept po
 
 Drafts (``Drafter``): ``NgramDrafter`` (prompt lookup: the continuation of the longest
 recent n-gram match in the row's own history, no second model) and ``ModelDrafter`` (a
-smaller model of the same tokenizer through any backend, greedy).
+smaller model of the same tokenizer through any backend, greedy, drafting fewer tokens where
+it is unsure).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from slm_export.errors import SlmError
 from slm_export.runtime.base import Backend, State, left_pad
 from slm_export.runtime.sampling import SamplingConfig, probabilities
 
@@ -60,10 +62,16 @@ class NgramDrafter:
 class ModelDrafter:
     """Greedy drafts from a smaller model through any backend, its cache kept in step with
     the stream's history: after each verify step it is rewound to the kept drafts and fed
-    the tokens it has not seen. Its own window re-prefills the rows' last half when full."""
+    the tokens it has not seen. Its own window re-prefills the rows' last half when full.
 
-    def __init__(self, backend: Backend):
+    A step drafts up to ``k`` tokens but stops after a draft the draft model itself gives
+    less than ``min_confidence`` probability in some row: the guesses after it would mostly
+    be rejected, and each costs a forward pass of the draft (0: always ``k``).
+    """
+
+    def __init__(self, backend: Backend, min_confidence: float = 0.5):
         self.backend = backend
+        self.min_confidence = min_confidence
         self.window = backend.config.block_size
         self._state: State | None = None
         self._fed: list[int] = []  # per row: history tokens in the draft cache, from the start
@@ -84,11 +92,17 @@ class ModelDrafter:
             logits, self._state = self.backend.decode(ids, self._state)
         self._fed = [len(h) for h in history]
         drafts = [logits.argmax(-1)]
-        for _ in range(k - 1):
+        while len(drafts) < k and self._confident(logits):
             logits, self._state = self.backend.decode(drafts[-1], self._state)
             drafts.append(logits.argmax(-1))
-        self._kept_drafts = k - 1  # the last draft was never fed
+        self._kept_drafts = len(drafts) - 1  # the last draft was never fed
         return torch.stack(drafts, dim=1).tolist()
+
+    def _confident(self, logits: torch.Tensor) -> bool:
+        """Every row's latest draft has at least ``min_confidence`` probability."""
+        if self.min_confidence <= 0:
+            return True
+        return bool((torch.softmax(logits, -1).amax(-1) >= self.min_confidence).all())
 
     def commit(self, accepted: int) -> None:
         """Keep the accepted drafts in the cache; the bonus token is fed next time."""
@@ -98,6 +112,25 @@ class ModelDrafter:
             self._state = self.backend.rewind(self._state, self._state.length - drop)
         self._fed = [fed + keep for fed in self._fed]
         self._kept_drafts = 0
+
+
+def load_draft(name: str, path, target: Backend, variant: str = "fp32") -> Backend:
+    """The draft model for ``ModelDrafter``: backend ``name`` on ``path``, on the target's
+    device, sharing its vocabulary (``SlmError`` otherwise).
+
+    An ort draft on the CPU runs with one intra-op thread: it runs in turn with the target,
+    and a second ORT thread pool spinning on the same cores slows both (measured in
+    bench/RESULTS.md). Its precision (``variant``: int8, int4, fp16) changes only its speed
+    and how often its guesses are accepted, never the output.
+    """
+    from slm_export.runtime import load_backend
+
+    cpu_ort = name == "ort" and target.device.type == "cpu"
+    draft = load_backend(name, path, target.device, variant, threads=1 if cpu_ort else None)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise SlmError(f"the draft model has a vocabulary of {draft.config.vocab_size}, the "
+                       f"model {target.config.vocab_size}: a draft must share the tokenizer")
+    return draft
 
 
 def pad_drafts(drafts: list[list[int]], active: Sequence[bool]) -> list[list[int]]:
