@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from slm_export.artifacts import kv_layout
+from slm_export.artifacts.loaders import quiet_jit
 from slm_export.artifacts.manifest import Manifest
 from slm_export.cli.export import main
 from slm_export.errors import SlmError
@@ -84,10 +85,15 @@ def test_default_export_writes_verified_files(export_dir, trained_ckpt, trained_
     served = ["aoti", "ort", "torchscript"] if AOTI else ["ort", "torchscript"]
     assert checks["generation"] == {"tokens": 160, "rows": 3, "backends": served,
                                     "ties": dict.fromkeys(served, 0)}
-    # The tied embedding / lm_head matrix is stored once.
+    # The tied embedding / lm_head matrix is stored once; TorchScript keeps it column-major
+    # (model.column_major_head: the faster lm_head).
     big = [i for i in onnx.load(str(export_dir / "model.onnx")).graph.initializer
            if 50257 in i.dims]
     assert len(big) == 1
+    with quiet_jit():
+        traced = torch.jit.load(str(export_dir / "model_kv.ts"))
+    tied = [p for p in traced.parameters() if 50257 in p.shape]
+    assert len(tied) == 1 and tied[0].stride() == (1, 50257)
 
 
 def test_full_sequence_files_alone_on_every_length(export_dir, trained_model):

@@ -110,3 +110,25 @@ def test_traced_graphs_take_the_device_from_their_inputs(tiny_model):
 
     for traced in trace(tiny_model):
         assert 'Device = prim::Constant[value="cpu"]' not in str(traced.inlined_graph)
+
+
+def test_column_major_head_keeps_the_tied_parameter_and_its_outputs(tiny_model):
+    """The eager backend lays the tied embedding / lm_head out column-major in place: the
+    same Parameter (tied, an optimizer's reference intact), the same values and outputs."""
+    import copy
+
+    from slm_export.model import column_major_head
+    from slm_export.runtime import backend_for_model
+
+    model = copy.deepcopy(tiny_model)
+    param, before = model.lm_head.weight, model.lm_head.weight.detach().clone()
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        want, _ = model(idx, idx)
+    backend_for_model("eager", model)
+    assert model.lm_head.weight is param is model.transformer.wte.weight
+    assert param.stride() == (1, param.size(0)) and torch.equal(param, before)
+    with torch.no_grad():
+        got, _ = model(idx, idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert column_major_head(model).lm_head.weight.stride() == (1, param.size(0))  # idempotent
