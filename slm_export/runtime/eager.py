@@ -3,6 +3,11 @@
 Prefill runs the prompt once; each decode step feeds the new token(s) of every row and grows
 the cache by concatenation. A padded batch keeps its mask as a (B, block_size) buffer that a
 step reads a view of; an unpadded one has none.
+
+The backend stores the model's tied embedding / lm_head column-major, in place
+(``model.column_major_head``: the same values and Parameter; twice the lm_head speed on the
+CPU). A ``compiled`` backend built later on the same model object runs slower with that
+layout: give it its own copy of the model.
 """
 
 from __future__ import annotations
