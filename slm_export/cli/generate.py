@@ -66,8 +66,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--draft-backend", choices=BACKENDS, default=None,
                    help="backend of the draft model (default: --backend)")
     g.add_argument("--draft-variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
-                   help="ONNX variant of an ort draft model (default fp32); int4 drafts fastest "
-                        "on a CPU, and a draft's precision never changes the output")
+                   help="ONNX variant of an ort draft model (default fp32); int8 / int4 read "
+                        "fewer bytes per guess, and a draft's precision never changes the output")
     g.add_argument("--draft-tokens", type=positive_int, default=4,
                    help="drafts verified per step, at most (default 4; a draft model stops "
                         "early where it is unsure)")
