@@ -80,6 +80,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if hasattr(cache, "attend"):  # a cache that runs attention itself (export/attention_op.py)
+            return self.resid_dropout(self.c_proj(cache.attend(q, k, v, self.n_head)))
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
@@ -186,7 +188,7 @@ class GPT(nn.Module):
         return empty_kv(self.config, batch, ref.device, ref.dtype)
 
     def forward_kv(self, idx: torch.Tensor, past: KV, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, logits_to_keep=1):
+                   position_ids: torch.Tensor | None = None, logits_to_keep=1, cache=None):
         """idx (B, T) after ``past`` (P positions) -> (logits (B, K, V), present (P + T positions)).
 
         ``attention_mask`` (B, P+T), 1 for real tokens and 0 for left padding, lets prompts
@@ -194,14 +196,16 @@ class GPT(nn.Module):
         ``position_ids`` (B, T) gives them. ``logits_to_keep`` K (an int or a 0-d tensor):
         logits of the last K positions only, 0 for all (the lm_head is the costliest matmul
         of a prefill). The caller keeps P + T <= block_size (positions are learned, a cache
-        cannot slide).
+        cannot slide). ``cache(k, v)`` makes a layer's cache from its past (default: the
+        concat of ``_GrowingCache``; the ONNX export's runs a fused attention op).
         """
         T, P = idx.size(1), past[0].size(2)
         q_pos = positions(idx, P, T)
         mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
         if position_ids is not None:
             pos = position_ids
-        caches = [_GrowingCache(past[2 * i], past[2 * i + 1]) for i in range(self.config.n_layer)]
+        new_cache = cache or _GrowingCache
+        caches = [new_cache(past[2 * i], past[2 * i + 1]) for i in range(self.config.n_layer)]
         h = self._hidden(idx, pos, caches, mask)
         present = tuple(t for c in caches for t in (c.k, c.v))
         return self.lm_head(h[:, -logits_to_keep:]), present

@@ -3,7 +3,7 @@ import torch
 
 from slm_export.config import PRESETS, GPTConfig, preset
 from slm_export.errors import SlmError
-from slm_export.model import GPT
+from slm_export.model import GPT, positions_from_mask
 
 
 def test_30m_parameter_count():
@@ -132,3 +132,23 @@ def test_column_major_head_keeps_the_tied_parameter_and_its_outputs(tiny_model):
         got, _ = model(idx, idx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert column_major_head(model).lm_head.weight.stride() == (1, param.size(0))  # idempotent
+
+
+def test_the_export_attention_op_runs_like_the_model(tiny_model):
+    """KVModule with the ONNX export's fused attention op (export/attention_op.py) computes
+    what the model's own cache path does, padded rows and an existing past included."""
+    from slm_export.export.signatures import KVModule
+
+    B, P, T = 3, 4, 5
+    past = tiny_model.empty_kv(B)
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        _, past = tiny_model.forward_kv(torch.randint(0, 50257, (B, P)), past, mask[:, :P])
+        args = (torch.randint(0, 50257, (B, T)), mask, positions_from_mask(mask)[:, P:], past,
+                torch.tensor(0))
+        want = KVModule(tiny_model)(*args)
+        got = KVModule(tiny_model, fused_attention=True)(*args)
+    assert len(got) == len(want) == 1 + 2 * tiny_model.config.n_layer
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ from slm_export.artifacts import kv_layout
 from slm_export.artifacts.files import atomic_write
 from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
-from slm_export.export import onnx_folder
+from slm_export.export import attention_op, onnx_folder
 from slm_export.export.signatures import KVModule, LogitsModule, kv_inputs, logits_inputs
 
 DEFAULT_OPSET = 18  # LayerNormalization needs 17; 18 is the dynamo exporter's floor
@@ -92,7 +92,8 @@ def _dynamic(axes: dict) -> dict:
     return {axis: torch.export.Dim.DYNAMIC for axis in axes}
 
 
-def _export(module: torch.nn.Module, args: tuple, io: dict, dynamic, opset: int) -> onnx.ModelProto:
+def _export(module: torch.nn.Module, args: tuple, io: dict, dynamic, opset: int,
+            translations: dict | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) of ``module`` on ``args``; ``dynamic`` is torch.export's
     dynamic_shapes (structured like the forward's arguments), ``io`` the flat names."""
     try:
@@ -100,7 +101,7 @@ def _export(module: torch.nn.Module, args: tuple, io: dict, dynamic, opset: int)
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=opset, verbose=False,
                 input_names=list(io["inputs"]), output_names=list(io["outputs"]),
-                dynamic_shapes=dynamic,
+                dynamic_shapes=dynamic, custom_translation_table=translations,
             )
     except Exception as e:  # the exporter raises many types; keep the first line
         raise SlmError(f"ONNX export failed ({type(e).__name__}: {first_line(e)})") from None
@@ -158,7 +159,8 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
     dynamic["past_key_values"] = tuple(_dynamic(axes[name])
                                        for name in kv_layout.past_names(model.config.n_layer))
     dynamic["logits_to_keep"] = None
-    kv = _export(KVModule(model), kv_inputs(model.config), io, dynamic, opset)
+    kv = _export(KVModule(model, fused_attention=True), kv_inputs(model.config), io, dynamic,
+                 opset, attention_op.TRANSLATIONS)
     _default_logits_to_keep(kv)
     save(kv, folder / GRAPHS["onnx_kv"], provenance.file_metadata("onnx_kv"))
     return {**{name: kind for kind, name in GRAPHS.items()},
@@ -229,12 +231,17 @@ def _int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Weights of MatMul and Gather (the embedding) to int8 (per tensor, symmetric);
-    # activations are quantized on the fly at run time.
+    # activations are quantized on the fly at run time. The op types are named: the
+    # quantizer's default list has "Attention", which it takes for ORT's contrib op of that
+    # name (QAttention) and would break an opset >= 23 graph's ONNX Attention nodes.
     folded = dst.with_name(dst.name + ".folded")
     try:
         onnx.save(_prepare_for_quantization(onnx.load(str(src))), str(folded))
         with _quiet_quantizer():
-            quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gather"],
+                             # onnx's shape inference stops at the contrib attention op
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         folded.unlink(missing_ok=True)
 

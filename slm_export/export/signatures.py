@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from slm_export.export.attention_op import FusedCache
 from slm_export.model import KVCache, positions_from_mask
 
 
@@ -30,18 +31,27 @@ class LogitsModule(torch.nn.Module):
 
 
 class KVModule(torch.nn.Module):
-    """``GPT.forward_kv`` with explicit position ids and the present flattened into outputs."""
+    """``GPT.forward_kv`` with explicit position ids and the present flattened into outputs.
 
-    def __init__(self, model: torch.nn.Module):
+    ``fused_attention``: each layer's attention is one custom op that the ONNX export writes
+    as ONNX Runtime's MultiHeadAttention (``export/attention_op.py``); for the ONNX export
+    only."""
+
+    def __init__(self, model: torch.nn.Module, fused_attention: bool = False):
         super().__init__()
         self.model = model.eval()
+        self.fused_attention = fused_attention
         self.eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past_key_values: tuple[torch.Tensor, ...],
                 logits_to_keep: torch.Tensor):
+        cache = None
+        if self.fused_attention:
+            def cache(k, v):
+                return FusedCache(k, v, attention_mask)
         logits, present = self.model.forward_kv(input_ids, past_key_values, attention_mask,
-                                                position_ids, logits_to_keep)
+                                                position_ids, logits_to_keep, cache)
         return (logits, *present)
 
 

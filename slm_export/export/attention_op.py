@@ -1,0 +1,109 @@
+"""The cache graph's attention as one ONNX node: ONNX Runtime's ``MultiHeadAttention``.
+
+Exported op by op, one layer's attention in the cache graph is a Split, three Reshape /
+Transpose pairs, two Concat (past + new), the mask arithmetic, two MatMul, Softmax and the
+transpose back: about 20 nodes, each a kernel launch and an allocation per decode step. At
+batch 1 on the CPU that per-node cost, not the arithmetic, is most of a step once the
+weights are small (int8 / int4). ``com.microsoft.MultiHeadAttention`` (CPU and CUDA since
+ONNX Runtime 1.16) does it in one node: query / key / value as (B, T, C) straight from the
+QKV projection, the past (B, n_head, P, head_dim) in, the present (past + new) out, the
+padding mask (B, P + T) as ``key_padding_mask`` and ``unidirectional=1`` for the causal part.
+This is what onnxruntime-genai's model builder and HF optimum's ORT optimizer emit too.
+
+How it gets into the graph: ``KVModule(model, fused_attention=True)`` gives each layer a
+``FusedCache``, whose ``attend`` calls the custom op ``slm_export::cached_attention``. Its
+eager implementation is the model's own (concat + the mask of ``model._mask_and_positions`` +
+SDPA), so the module runs and traces like the unfused one; the ONNX exporter translates the
+op with ``TRANSLATIONS``. Only the ONNX export uses it (TorchScript / AOTInductor files must
+not depend on a custom op).
+
+One difference, at padded positions only: where the model lets a left-padding query see
+itself, ONNX Runtime adds ``mask_filter_value`` (-10000) to every masked score, so such a
+query averages the keys before it. Its output and the cache entries it writes differ from
+eager, but no real query ever reads them (they are masked as keys), so logits and tokens do
+not change; the export's verification compares exactly those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from slm_export.model import _mask_and_positions, positions
+
+
+@torch.library.custom_op("slm_export::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                     past_v: torch.Tensor, attention_mask: torch.Tensor,
+                     n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, T, C) of T new positions after P cached ones (past (B, n_head, P, hs)),
+    ``attention_mask`` (B, P + T) -> (y (B, T, C), present_k, present_v (B, n_head, P + T, hs))."""
+    B, T, C = q.shape
+    P = past_k.size(2)
+
+    def heads(t):
+        return t.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+    present_k = torch.cat([past_k, heads(k)], dim=2)
+    present_v = torch.cat([past_v, heads(v)], dim=2)
+    mask, _ = _mask_and_positions(positions(q, P, T), P + T, attention_mask)
+    y = F.scaled_dot_product_attention(heads(q), present_k, present_v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, C), present_k, present_v
+
+
+@cached_attention.register_fake
+def _(q, k, v, past_k, past_v, attention_mask, n_head):
+    B, T, C = q.shape
+    present = past_k.new_empty(B, n_head, past_k.size(2) + T, C // n_head)
+    return q.new_empty(B, T, C), present, present.new_empty(present.shape)
+
+
+class FusedCache:
+    """One layer's past for ``GPT._hidden`` that runs the whole attention (``attend``) instead
+    of handing keys and values back to the model's SDPA; ``k`` / ``v`` are the present after."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor):
+        self.k, self.v, self.attention_mask = k, v, attention_mask
+
+    def attend(self, q, k, v, n_head: int) -> torch.Tensor:
+        y, self.k, self.v = cached_attention(q, k, v, self.k, self.v, self.attention_mask, n_head)
+        return y
+
+
+def _contrib_op(name: str, inputs: list[str], outputs: list[str], attributes=()):
+    """ONNX Runtime's ``com.microsoft.<name>`` for onnxscript. onnx ships no schemas for
+    ORT's contrib ops and the exporter's tracer needs one; a trailing ``?`` marks an
+    optional input or output, ``mask`` is int32 and every other one float / float16."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    def params(names):
+        return [OpSchema.FormalParameter(
+            n.rstrip("?"), "M" if n.startswith("key_padding_mask") else "T",
+            param_option=(OpSchema.FormalParameterOption.Optional if n.endswith("?")
+                          else OpSchema.FormalParameterOption.Single)) for n in names]
+
+    schema = OpSchema(
+        name, "com.microsoft", 1, inputs=params(inputs), outputs=params(outputs),
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, required=False)
+                    for a in attributes])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
+
+
+def _onnx_cached_attention(q, k, v, past_k, past_v, attention_mask, n_head: int):
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    mha = _contrib_op("MultiHeadAttention",
+                      ["query", "key", "value", "bias?", "key_padding_mask?", "attention_bias?",
+                       "past_key?", "past_value?"],
+                      ["output", "present_key?", "present_value?"],
+                      ["num_heads", "unidirectional"])
+    key_padding_mask = op.Cast(attention_mask, to=onnxscript.INT32.dtype)
+    return mha(q, k, v, None, key_padding_mask, None, past_k, past_v,
+               num_heads=n_head, unidirectional=1)
+
+
+TRANSLATIONS = {torch.ops.slm_export.cached_attention.default: _onnx_cached_attention}
