@@ -4,11 +4,12 @@ Exported op by op, one layer's attention in the cache graph is a Split, three Re
 Transpose pairs, two Concat (past + new), the mask arithmetic, two MatMul, Softmax and the
 transpose back: about 20 nodes, each a kernel launch and an allocation per decode step. At
 batch 1 on the CPU that per-node cost, not the arithmetic, is most of a step once the
-weights are small (int8 / int4). ``com.microsoft.MultiHeadAttention`` (CPU and CUDA since
-ONNX Runtime 1.16) does it in one node: query / key / value as (B, T, C) straight from the
-QKV projection, the past (B, n_head, P, head_dim) in, the present (past + new) out, the
-padding mask (B, P + T) as ``key_padding_mask`` and ``unidirectional=1`` for the causal part.
-This is what onnxruntime-genai's model builder and HF optimum's ORT optimizer emit too.
+weights are small (int8 / int4). ``com.microsoft.MultiHeadAttention`` (CPU and CUDA
+kernels; causal on CUDA since ONNX Runtime 1.20, hence our floor) does it in one node:
+query / key / value as (B, T, C) straight from the QKV projection, the past
+(B, n_head, P, head_dim) in, the present (past + new) out, the padding mask (B, P + T) as
+``key_padding_mask`` and ``unidirectional=1`` for the causal part. onnxruntime-genai's model
+builder and HF optimum's ORT optimizer emit this op family too.
 
 How it gets into the graph: ``KVModule(model, fused_attention=True)`` gives each layer a
 ``FusedCache``, whose ``attend`` calls the custom op ``slm_export::cached_attention``. Its
@@ -70,40 +71,40 @@ class FusedCache:
         return y
 
 
-def _contrib_op(name: str, inputs: list[str], outputs: list[str], attributes=()):
-    """ONNX Runtime's ``com.microsoft.<name>`` for onnxscript. onnx ships no schemas for
-    ORT's contrib ops and the exporter's tracer needs one; a trailing ``?`` marks an
-    optional input or output, ``mask`` is int32 and every other one float / float16."""
+def _multi_head_attention():
+    """``com.microsoft.MultiHeadAttention`` as an onnxscript op (the inputs and attributes we
+    use): onnx ships no schemas for ONNX Runtime's contrib ops, and the exporter's tracer
+    needs one."""
     import onnxscript
     from onnx.defs import OpSchema
 
-    def params(names):
-        return [OpSchema.FormalParameter(
-            n.rstrip("?"), "M" if n.startswith("key_padding_mask") else "T",
-            param_option=(OpSchema.FormalParameterOption.Optional if n.endswith("?")
-                          else OpSchema.FormalParameterOption.Single)) for n in names]
+    def param(name, type_str="T", optional=False):
+        option = OpSchema.FormalParameterOption
+        return OpSchema.FormalParameter(
+            name, type_str, param_option=option.Optional if optional else option.Single)
 
     schema = OpSchema(
-        name, "com.microsoft", 1, inputs=params(inputs), outputs=params(outputs),
+        "MultiHeadAttention", "com.microsoft", 1,
+        inputs=[param("query"), param("key"), param("value"), param("bias", optional=True),
+                param("key_padding_mask", "M", optional=True),
+                param("attention_bias", optional=True), param("past_key", optional=True),
+                param("past_value", optional=True)],
+        outputs=[param("output"), param("present_key", optional=True),
+                 param("present_value", optional=True)],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
                           ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, required=False)
-                    for a in attributes])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT),
+                    OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, required=False)])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), schema.name, schema)
 
 
 def _onnx_cached_attention(q, k, v, past_k, past_v, attention_mask, n_head: int):
     import onnxscript
     from onnxscript import opset18 as op
 
-    mha = _contrib_op("MultiHeadAttention",
-                      ["query", "key", "value", "bias?", "key_padding_mask?", "attention_bias?",
-                       "past_key?", "past_value?"],
-                      ["output", "present_key?", "present_value?"],
-                      ["num_heads", "unidirectional"])
     key_padding_mask = op.Cast(attention_mask, to=onnxscript.INT32.dtype)
-    return mha(q, k, v, None, key_padding_mask, None, past_k, past_v,
-               num_heads=n_head, unidirectional=1)
+    return _multi_head_attention()(q, k, v, None, key_padding_mask, None, past_k, past_v,
+                                   num_heads=n_head, unidirectional=1)
 
 
 TRANSLATIONS = {torch.ops.slm_export.cached_attention.default: _onnx_cached_attention}
