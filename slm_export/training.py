@@ -152,6 +152,31 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
+def settle_collectives(timeout_s: float = 10.0) -> bool:
+    """Under gloo, end with no collective in flight; call where every rank agrees to stop.
+
+    A gloo worker thread lets go of a collective's tensors after it has woken the caller, and
+    letting go takes the GIL. A rank that returns at once can reach interpreter shutdown first;
+    the worker then dies holding the work and the process aborts ("terminate called without
+    an active exception", exit -6, after a finished run; pytorch/pytorch PR 179291).
+    destroy_process_group does not join gloo's workers. So: one last all-reduce, then release
+    the GIL until its work has let go of its tensor. nccl's workers are joined by
+    destroy_process_group, so there this does nothing. -> whether the work let go in time."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "gloo":
+        return True
+    token = torch.zeros(1)
+    held = token._use_count()  # what a tensor no collective holds reads (1 or 2 by version)
+    dist.all_reduce(token)
+    deadline = time.monotonic() + timeout_s
+    while token._use_count() > held:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)  # the worker takes the GIL while we sleep
+    return True
+
+
 @contextlib.contextmanager
 def tf32_matmuls(device: torch.device):
     """On CUDA, let fp32 matmuls use TF32 tensor cores while training: "high" precision rounds
@@ -520,6 +545,7 @@ class Trainer:
                         self._restart_window()  # tokens/s excludes evaluation
                     if self._stop_requested(stop) and self.step < cfg.max_iters:
                         self._interrupt()
+                self._end_collectives()
         finally:
             self.report.stop()
         self.finish()
@@ -577,9 +603,15 @@ class Trainer:
         torch.distributed.all_reduce(self._stop_vote)
         return previous is not None and bool(previous.item() > 0)
 
+    def _end_collectives(self) -> None:
+        """Every rank ends here together (finished, or interrupted after the same step)."""
+        if self.dist.enabled:
+            settle_collectives()
+
     def _interrupt(self):
         if self.step % self.cfg.eval_interval != 0:  # else this step's checkpoint is written
             self.save_checkpoint()
+        self._end_collectives()
         raise Interrupted(f"interrupted at step {self.step}; saved {self.out_dir / 'ckpt.pt'}; "
                           "continue with the same command plus --resume")
 

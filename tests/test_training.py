@@ -33,6 +33,7 @@ from slm_export.training import (
     forward_backward,
     param_checksum,
     select_precision,
+    settle_collectives,
     tf32_matmuls,
     train,
 )
@@ -430,6 +431,25 @@ def test_ddp_data_wait_outlasts_nccls_default_timeout(monkeypatch, tmp_path, ran
     assert order == (["prepare", "barrier", "destroy"] if rank == 0
                      else ["barrier", "prepare", "destroy"])
     assert ("barrier", "G") in calls and ("destroy", "G") in calls
+
+
+def test_a_gloo_run_ends_with_no_collective_holding_a_tensor(monkeypatch):
+    """A finished DDP run on CPU aborted now and then at exit (-6) when gloo's worker let go
+    of the last collective's tensor during interpreter shutdown. settle_collectives returns
+    only once the worker has let go."""
+    import torch.distributed as dist
+
+    sent, all_reduce = [], dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: sent.append(t) or all_reduce(t, **kw))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for _ in range(5):
+            idle = torch.zeros(1)._use_count()
+            assert settle_collectives()
+            assert sent[-1]._use_count() == idle
+    finally:
+        dist.destroy_process_group()
+    assert len(sent) == 5
 
 
 def test_ddp_two_processes_on_cpu_stay_in_sync(data_root, tmp_path):
