@@ -68,7 +68,11 @@ def pytest_addoption(parser):
     g.addoption("--bench-experiments", action="store_true",
                 help="also measure candidate backend speed-ups (bench/test_experiments.py)")
     g.addoption("--bench-engines", action="store_true",
-                help="also time other engines on our weights: CTranslate2 (bench/test_engines.py)")
+                help="also time other engines on our weights: CTranslate2, llama.cpp "
+                     "(bench/test_engines.py)")
+    g.addoption("--bench-llama-cpp", default=None,
+                help="a llama.cpp source tree: its convert_hf_to_gguf.py writes the GGUF files "
+                     "of the llama.cpp rows (--bench-engines)")
     g.addoption("--bench-refresh", action="store_true", help="train and export the cached model again")
     g.addoption("--bench-results", default=str(ARTIFACTS / "results.json"),
                 help="where to write the results JSON")

@@ -1,8 +1,9 @@
 """Other CPU engines on our own weights (``--bench-engines``): CTranslate2 (float32 and int8)
-converted from the export's ``hf/`` folder with its own converter, timed on the scenario
+and llama.cpp (f32 and q8_0), each converted from the export's ``hf/`` folder with its own
+converter, timed on the scenario
 ``test_backends.test_decode[b1-124tok]`` times (a 4-token prompt, 124 greedy tokens: the
 128 positions GPT-2's converters allow), beside our rows in the same run and table.
-CTranslate2's float32 tokens must equal eager's before it is timed.
+A 32-bit engine's tokens must equal eager's before it is timed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,9 +31,7 @@ def _enabled(request):
 @pytest.mark.parametrize("compute_type", ["float32", "int8"])
 def test_ctranslate2(benchmark, bench, compute_type):
     ctranslate2 = pytest.importorskip("ctranslate2", reason="pip install ctranslate2 (the test extra)")
-    hf = bench.model_dir / "export" / "hf"
-    if not hf.is_dir():
-        pytest.skip(f"{hf} is missing: the bench exports hf/ when transformers is installed")
+    hf = _hf_folder(bench)
     out = bench.model_dir / "ctranslate2"
     if not (out / "model.bin").is_file():
         subprocess.run([sys.executable, "-m", "ctranslate2.converters.transformers", "--model",
@@ -49,10 +49,57 @@ def test_ctranslate2(benchmark, bench, compute_type):
                                           sampling_topk=1, include_prompt_in_result=False)
         return result[0].sequences_ids[0]
 
+    _time_engine(benchmark, bench, call, "ctranslate2", compute_type, 8 if compute_type == "int8" else 32,
+                 f"ctranslate2 {ctranslate2.__version__}")
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_llama_cpp(benchmark, bench, request, outtype):
+    """llama.cpp through llama-cpp-python's own loop (``Llama.generate``, greedy), on GGUF
+    files that llama.cpp's ``convert_hf_to_gguf.py`` writes from hf/ (``--bench-llama-cpp``
+    names the llama.cpp source tree that holds it)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python "
+                                    "(it compiles llama.cpp: ~8 minutes on 2 cores)")
+    gguf = bench.model_dir / "llama.cpp" / f"model.{outtype}.gguf"
+    if not gguf.is_file():
+        source = request.config.getoption("--bench-llama-cpp")
+        if source is None:
+            pytest.skip("--bench-llama-cpp DIR: a llama.cpp source tree (its "
+                        "convert_hf_to_gguf.py converts hf/ to GGUF)")
+        gguf.parent.mkdir(exist_ok=True)
+        partial = gguf.with_suffix(".partial")
+        subprocess.run([sys.executable, str(Path(source) / "convert_hf_to_gguf.py"),
+                        str(_hf_folder(bench)), "--outfile", str(partial), "--outtype", outtype],
+                       check=True, capture_output=True)
+        partial.replace(gguf)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=bench.config.block_size,
+                          n_threads=bench.threads, n_threads_batch=bench.threads, verbose=False)
+
+    def call():
+        tokens = []
+        for token in llm.generate(PROMPT, temp=0.0, top_k=1, reset=True):  # never stops itself
+            tokens.append(token)
+            if len(tokens) == NEW_TOKENS:
+                return tokens
+
+    _time_engine(benchmark, bench, call, "llama.cpp", outtype, 8 if outtype == "q8_0" else 32,
+                 f"llama-cpp-python {llama_cpp.__version__}")
+
+
+def _hf_folder(bench) -> Path:
+    hf = bench.model_dir / "export" / "hf"
+    if not hf.is_dir():
+        pytest.skip(f"{hf} is missing: the bench exports hf/ when transformers is installed")
+    return hf
+
+
+def _time_engine(benchmark, bench, call, engine: str, variant: str, bits: int, version: str):
+    """Time ``call`` (-> its NEW_TOKENS greedy tokens) and add the row. A 32-bit engine's tokens
+    must equal eager's; an 8-bit one's agreement with them is reported."""
     first = call()
     want = bench.reference([PROMPT], NEW_TOKENS)[0]
-    if compute_type == "float32":
-        assert first == want, "CTranslate2 float32 gives other greedy tokens than eager"
+    if bits == 32:
+        assert first == want, f"{engine} {variant} gives other greedy tokens than eager"
     times = []
 
     def timed():
@@ -64,15 +111,15 @@ def test_ctranslate2(benchmark, bench, compute_type):
     tps = [NEW_TOKENS / t for t in times]
     median = NEW_TOKENS / statistics.median(times)
     ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config, 1,
-                                       "int8" if compute_type == "int8" else "fp32")
+                                       "int8" if bits == 8 else "fp32")
     same = sum(a == b for a, b in zip(first, want, strict=False)) / len(want)
-    row = bm.Result(backend="ctranslate2", variant=compute_type, device="cpu", preset=bench.preset,
+    row = bm.Result(backend=engine, variant=variant, device="cpu", preset=bench.preset,
                     batch=1, new_tokens=NEW_TOKENS, tokens_per_s=median, ttft_ms=None,
                     peak_mem_mb=None, roofline_pct=bm.roofline_pct(median, ceiling),
                     rounds=len(times),
                     extra={"tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
                            "parity": f"{same:.0%} of eager's greedy tokens", "threads": bench.threads,
-                           "engine": f"ctranslate2 {ctranslate2.__version__}"})
+                           "engine": version})
     bench.results.append(row)
     benchmark.extra_info.update(row.to_json())
 

@@ -451,9 +451,11 @@ def targets_table(doc: dict[str, Any]) -> str:
     target("ort int4, batch 1: >= 1.5x int8", r, 1.5)
     target("ort int4: top-1 agreement with fp32 >= 0.95", _top1(decode("ort", "int4")), 0.95,
            "{:.3f}")
-    for ours, theirs in (("fp32", "float32"), ("int8", "int8")):  # bench --bench-engines
-        r = ratio(decode("ort", ours), decode("ctranslate2", theirs))
-        target(f"ort {ours}, batch 1: >= 1x CTranslate2 {theirs} (same run)", r, 1.0)
+    for engine, name, theirs in (("ctranslate2", "CTranslate2", ("float32", "int8")),  # bench
+                                 ("llama.cpp", "llama.cpp", ("f32", "q8_0"))):  # --bench-engines
+        for ours, their in zip(("fp32", "int8"), theirs, strict=True):
+            r = ratio(decode("ort", ours), decode(engine, their))
+            target(f"ort {ours}, batch 1: >= 1x {name} {their} (same run)", r, 1.0)
     for r in sorted((r for r in rows if r.get("scenario") == "speculative"),
                     key=lambda r: (r["backend"], r["variant"], r.get("drafter", ""))):
         name = f"{r['backend']}{'' if r['variant'] == 'fp32' else ' ' + r['variant']}"

@@ -143,7 +143,9 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
             _row("ort", 280.0, roofline_pct=89.0),
             _row("ort", 560.0, scenario="speculative", roofline_pct=180.0, extra={"drafter": "ngram"}),
             _row("ort", 500.0, variant="int4", new_tokens=124,
-                 extra={"parity": "top-1 agreement 0.912"})]
+                 extra={"parity": "top-1 agreement 0.912"}),
+            _row("llama.cpp", 250.0, variant="f32", new_tokens=124),
+            _row("ctranslate2", 600.0, variant="int8", new_tokens=124)]
     doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
     got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]
            for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
@@ -154,3 +156,6 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
     assert got["ort int4: top-1 agreement with fp32 >= 0.95"] == ["0.912", "no"]
     assert got["ort + ngram speculation: >= 1.5x its plain greedy"] == [
         "2.00x (560 tok/s, 180% of the roofline)", "yes"]
+    assert got["ort fp32, batch 1: >= 1x llama.cpp f32 (same run)"] == ["1.20x", "yes"]
+    assert got["ort int8, batch 1: >= 1x CTranslate2 int8 (same run)"] == ["not measured", "-"]
+    assert got["ort int8, batch 1: >= 1x llama.cpp q8_0 (same run)"] == ["not measured", "-"]
