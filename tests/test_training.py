@@ -458,7 +458,9 @@ def test_ddp_two_processes_on_cpu_stay_in_sync(data_root, tmp_path):
            str(ROOT / "train.py"),
            *small(data_root, tmp_path / "ddp", "--max-iters", "4", "--grad-accum", "2",
                   "--eval-interval", "2", "--device", "cpu")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
+    # faulthandler: a rank that dies of a signal prints its Python threads' stacks
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "PYTHONFAULTHANDLER": "1"},
+                       timeout=180, cwd=ROOT)
     # where a rank dies, its own message comes first and the launcher's report last
     assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1500:]
     records = metrics(tmp_path / "ddp")
