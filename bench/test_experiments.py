@@ -26,21 +26,6 @@ PROMPT = [7454, 2402, 257, 640]  # "Once upon a time"
 NEW_TOKENS = 200
 
 
-class TransposedHead(torch.nn.Module):
-    """lm_head as ``x @ W^T`` with W^T stored contiguous (n_embd, vocab): a row-major GEMV."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight_t", weight.detach().t().contiguous())
-
-    @property
-    def weight(self) -> torch.Tensor:  # backends read lm_head.weight.device / .dtype
-        return self.weight_t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t
-
-
 class Unoptimized:
     """Runs a backend's calls with TorchScript's profiling / re-specialising executor off."""
 
@@ -61,15 +46,6 @@ class Unoptimized:
 def _enabled(request):
     if not request.config.getoption("--bench-experiments"):
         pytest.skip("experiments run with --bench-experiments")
-
-
-def _eager_lm_t(bench):
-    from slm_export.checkpoint import load_model
-    from slm_export.runtime import backend_for_model, resolve_model_path
-
-    model, _ = load_model(resolve_model_path("eager", bench.model_dir), bench.device)
-    model.lm_head = TransposedHead(model.lm_head.weight)
-    return "eager", backend_for_model("eager", model), contextlib.nullcontext()
 
 
 def _torchscript_no_profiling(bench):
@@ -112,8 +88,7 @@ def _ort_session_run(bench):
     return "ort", SessionRunOrt(backend), contextlib.nullcontext()
 
 
-EXPERIMENTS = {"lm_head-transposed": _eager_lm_t, "jit-optimize-off": _torchscript_no_profiling,
-               "ort-session-run": _ort_session_run}
+EXPERIMENTS = {"jit-optimize-off": _torchscript_no_profiling, "ort-session-run": _ort_session_run}
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))

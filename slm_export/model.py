@@ -15,6 +15,7 @@ All three share the blocks below; only where keys/values come from differs.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -238,19 +239,61 @@ class GPT(nn.Module):
         return self.lm_head(h if all_logits else h[:, -1, :])
 
 
-def column_major_head(model: GPT) -> GPT:
-    """Store the tied embedding / lm_head matrix (V, C) column-major, in place: the same
-    values and the same Parameter (an optimizer holding it is unaffected), other strides.
+class BlockedHead(nn.Module):
+    """The tied embedding / lm_head matrix (V, C) laid out for decoding on the CPU: ``blocks``
+    slices of the vocabulary, each stored column-major, in one (blocks, C, width) Parameter
+    (V padded with zero rows up to blocks * width). The logits are one batched matmul over
+    the slices, ``x @ W_i.T`` each on a row-major (C, width) matrix, cut back to V.
 
-    ``lm_head`` computes ``x @ W.T``; with W column-major, W.T is a row-major (C, V) matrix,
-    which MKL multiplies at about twice the speed at batch 1 (the 30m model's lm_head, 64% of
-    its weight bytes: 2.8 ms instead of 6.4 on 2 cores, torch 2.13; faster at batch 8 and
-    in prefill too: bench/RESULTS.md). The embedding then reads a few columns per step.
+    MKL's single GEMM is slow on this shape at the few rows a decode or verify step has
+    (the 30m model, 2 threads, torch 2.13: 6.2 ms for 1 row and ~13 ms for 6 on the
+    row-major matrix, 2.5 and ~10.5 ms column-major) where the batched one streams the
+    weights (1.9 ms and ~5 ms): bench/RESULTS.md. 32 slices: a multiple of the usual thread
+    counts, and the zero padding stays under 32 rows.
     """
-    w = model.lm_head.weight  # also transformer.wte.weight (tied)
-    if w.stride(0) != 1:
-        w.data = w.data.t().contiguous().t()
-    return model
+
+    def __init__(self, weight: torch.Tensor, blocks: int = 32):
+        super().__init__()
+        V, C = weight.shape
+        width = -(-V // blocks)
+        padded = F.pad(weight.detach(), (0, 0, 0, blocks * width - V))
+        self.weight = nn.Parameter(padded.view(blocks, width, C).transpose(1, 2).contiguous(),
+                                   requires_grad=False)
+        self.vocab_size = V
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., V)"""
+        *lead, C = h.shape
+        x = h.reshape(1, -1, C).expand(self.weight.size(0), -1, -1)
+        logits = torch.bmm(x, self.weight)  # (blocks, rows, width)
+        return logits.transpose(0, 1).reshape(*lead, -1)[..., :self.vocab_size]
+
+
+class BlockedEmbedding(nn.Module):
+    """Token embedding read from a ``BlockedHead``'s Parameter (tied: the same one)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # (blocks, C, width)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        width = self.weight.size(2)
+        return self.weight[idx // width, :, idx % width]  # (B, T, C)
+
+
+def blocked_head(model: GPT) -> GPT:
+    """A copy of ``model`` for inference whose tied embedding / lm_head is a ``BlockedHead``
+    (the lm_head at ~1.3x the speed of a column-major matrix at one row, ~2x at the 5-7 rows
+    of a speculative verify step, on 2 CPU threads). Every other Parameter is shared with
+    ``model``, which is left as it was; an already blocked model is returned as is.
+    """
+    if isinstance(model.lm_head, BlockedHead):
+        return model
+    shared = {id(p): p for p in model.parameters()}  # deepcopy maps each to itself
+    out = copy.deepcopy(model, shared)
+    out.lm_head = BlockedHead(model.lm_head.weight)
+    out.transformer.wte = BlockedEmbedding(out.lm_head.weight)
+    return out
 
 
 def empty_kv(config: GPTConfig, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KV:

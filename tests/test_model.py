@@ -112,26 +112,35 @@ def test_traced_graphs_take_the_device_from_their_inputs(tiny_model):
         assert 'Device = prim::Constant[value="cpu"]' not in str(traced.inlined_graph)
 
 
-def test_column_major_head_keeps_the_tied_parameter_and_its_outputs(tiny_model):
-    """The eager backend lays the tied embedding / lm_head out column-major in place: the
-    same Parameter (tied, an optimizer's reference intact), the same values and outputs."""
-    import copy
-
-    from slm_export.model import column_major_head
+def test_blocked_head_is_a_tied_copy_with_the_same_outputs(tiny_model):
+    """The eager backend runs a copy whose tied embedding / lm_head is in vocabulary blocks
+    (model.blocked_head): one Parameter for both, every other Parameter shared, the same
+    logits on every path, and the model it was given left as it was."""
+    from slm_export.model import BlockedHead, blocked_head
     from slm_export.runtime import backend_for_model
 
-    model = copy.deepcopy(tiny_model)
-    param, before = model.lm_head.weight, model.lm_head.weight.detach().clone()
+    model = tiny_model.eval()
+    head = model.lm_head.weight
+    backend = backend_for_model("eager", model)
+    blocked = backend.model
+    assert model.lm_head.weight is head is model.transformer.wte.weight  # untouched
+    assert isinstance(blocked.lm_head, BlockedHead)
+    assert blocked.transformer.wte.weight is blocked.lm_head.weight
+    assert blocked.lm_head.weight.shape == (32, model.config.n_embd, 1571)  # 50257 -> 32 * 1571
+    ours = dict(blocked.named_parameters())
+    for name, p in model.named_parameters():
+        if "wte" not in name and "lm_head" not in name:
+            assert ours[name] is p, name
     idx = torch.randint(0, 50257, (2, 9))
+    idx[0, 0], idx[1, -1] = 0, 50256  # the first and last token of the vocabulary
     with torch.no_grad():
         want, _ = model(idx, idx)
-    backend_for_model("eager", model)
-    assert model.lm_head.weight is param is model.transformer.wte.weight
-    assert param.stride() == (1, param.size(0)) and torch.equal(param, before)
-    with torch.no_grad():
-        got, _ = model(idx, idx)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert column_major_head(model).lm_head.weight.stride() == (1, param.size(0))  # idempotent
+        got, _ = blocked(idx, idx)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want_kv, _ = model.forward_kv(idx, model.empty_kv(2), logits_to_keep=3)
+        got_kv, _ = blocked.forward_kv(idx, blocked.empty_kv(2), logits_to_keep=3)
+        torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+    assert blocked_head(blocked) is blocked
 
 
 def test_the_export_attention_op_runs_like_the_model(tiny_model):

@@ -4,17 +4,16 @@ Prefill runs the prompt once; each decode step feeds the new token(s) of every r
 the cache by concatenation. A padded batch keeps its mask as a (B, block_size) buffer that a
 step reads a view of; an unpadded one has none.
 
-The backend stores the model's tied embedding / lm_head column-major, in place
-(``model.column_major_head``: the same values and Parameter; twice the lm_head speed on the
-CPU). A ``compiled`` backend built later on the same model object runs slower with that
-layout: give it its own copy of the model.
+The backend runs a copy of the model whose tied embedding / lm_head is stored in vocabulary
+blocks (``model.blocked_head``: the other Parameters are shared, the model passed in is left
+as it was), the lm_head's layout fastest on the CPU at the few rows of a decode step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from slm_export.model import GPT, column_major_head
+from slm_export.model import GPT, blocked_head
 from slm_export.runtime.base import State, check_prefill, check_rewind, decode_rows, window_mask
 
 
@@ -22,7 +21,7 @@ class EagerBackend:
     name = "eager"
 
     def __init__(self, model: GPT):
-        self.model = column_major_head(model.eval())  # the lm_head at twice the speed
+        self.model = blocked_head(model.eval())
         self.config = model.config
         self.device = model.lm_head.weight.device
 
