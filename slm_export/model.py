@@ -246,10 +246,10 @@ class BlockedHead(nn.Module):
     the slices, ``x @ W_i.T`` each on a row-major (C, width) matrix, cut back to V.
 
     MKL's single GEMM is slow on this shape at the few rows a decode or verify step has
-    (the 30m model, 2 threads, torch 2.13: 6.2 ms for 1 row and ~13 ms for 6 on the
-    row-major matrix, 2.5 and ~10.5 ms column-major) where the batched one streams the
-    weights (1.9 ms and ~5 ms): bench/RESULTS.md. 32 slices: a multiple of the usual thread
-    counts, and the zero padding stays under 32 rows.
+    (the 30m model, 2 threads, torch 2.13: 6.3 ms for 1 row and 12.8 for 6 on the row-major
+    matrix, 2.8 and 11.6 column-major) where the batched one takes 2.3 and 5.8 ms
+    (``bench/lm_head_layouts.py``, bench/RESULTS.md). 32 slices: a multiple of the usual
+    thread counts, and the zero padding stays under 32 rows.
     """
 
     def __init__(self, weight: torch.Tensor, blocks: int = 32):
