@@ -33,6 +33,8 @@ import pytest
 import torch
 
 from slm_export import benchmark as bm
+from slm_export.config import TrainConfig
+from slm_export.data import Source
 
 ARTIFACTS = Path("artifacts/bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +58,10 @@ def pytest_addoption(parser):
                      "preset trained here, when the model under test is larger)")
     g.addoption("--bench-draft-variant", default="int4",
                 help="ONNX variant of the draft model, run through ort (default int4)")
+    g.addoption("--bench-draft-vocab", default=None,
+                help="a prepared data folder: the draft guesses only its most frequent tokens "
+                     "(generate.py --draft-vocab; default: the stories the bench's own models "
+                     "trained on, with its own tiny draft; 'none': the full vocabulary)")
     g.addoption("--bench-backends", default=None,
                 help="comma-separated subset, e.g. eager,ort,ort-int8 (default: all)")
     g.addoption("--bench-threads", type=int, default=None,
@@ -115,6 +121,7 @@ class Bench:
     bandwidth: float  # bytes/s, measured here with `threads` threads
     draft_dir: Path | None = None  # a smaller trained model of the same tokenizer, if any
     draft_variant: str = "int4"  # its ONNX variant, run through ort
+    draft_vocab: Path | None = None  # a data folder: the draft scores its frequent tokens only
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
     results: list[bm.Result] = field(default_factory=list)
     _eager: object = None
@@ -212,6 +219,7 @@ def bench(request) -> Bench:
     torch.set_num_threads(threads)
     device = resolve_device(opt("--bench-device"))
     draft = Path(opt("--bench-draft")) if opt("--bench-draft") else None
+    vocab = opt("--bench-draft-vocab")
     if opt("--bench-model"):
         model_dir, preset = Path(opt("--bench-model")), Path(opt("--bench-model")).name
     else:
@@ -220,11 +228,13 @@ def bench(request) -> Bench:
                                    opt("--bench-refresh"))
         if draft is None and preset != "tiny" and not opt("--bench-quick"):
             draft = _trained_model("tiny", TRAIN_STEPS["tiny"] * 2, opt("--bench-refresh"))
+            vocab = vocab or ARTIFACTS / "data" / Source.of(TrainConfig()).name  # its stories
     bandwidth = bm.measure_read_bandwidth(device, threads)
     _BENCH = Bench(model_dir=model_dir, preset=preset, config=_model_config(model_dir),
                    device=device, threads=threads, quick=opt("--bench-quick"),
                    full=opt("--bench-full"), bandwidth=bandwidth, draft_dir=draft,
-                   draft_variant=opt("--bench-draft-variant"))
+                   draft_variant=opt("--bench-draft-variant"),
+                   draft_vocab=None if vocab in (None, "none") else Path(vocab))
     return _BENCH
 
 
@@ -287,6 +297,7 @@ def write_results(b: Bench, path: str) -> Path:
         "model": str(b.model_dir),
         "draft_model": None if b.draft_dir is None else str(b.draft_dir),
         "draft_variant": b.draft_variant,
+        "draft_vocab": None if b.draft_vocab is None else str(b.draft_vocab),
     })
 
 

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from slm_export import benchmark as bm
+from slm_export.cli.generate import DRAFT_VOCAB_SIZE
 from slm_export.runtime import GREEDY, TokenStream
 from slm_export.runtime.base import host_threads
+from slm_export.runtime.draft_vocab import frequent_tokens
 from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time" in GPT-2 BPE: a 4-token prompt
@@ -181,9 +183,11 @@ def test_speculative(benchmark, bench, case, drafter):
         pytest.skip("naive recomputes the window: speculation only multiplies its work")
     if drafter == "draft" and bench.draft_dir is None:
         pytest.skip("no draft model: --bench-draft DIR, or the default 30m run (tiny drafts)")
-    draft_backend = None
-    if drafter == "draft":  # as generate.py --draft-backend ort --draft-variant runs it
-        draft_backend = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant)
+    draft_backend = vocab = None
+    if drafter == "draft":  # as generate.py --draft-backend ort --draft-variant --draft-vocab
+        if bench.draft_vocab is not None:
+            vocab = frequent_tokens(bench.draft_vocab, DRAFT_VOCAB_SIZE)
+        draft_backend = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant, vocab)
 
     def call():
         made = NgramDrafter() if drafter == "ngram" else ModelDrafter(draft_backend)
@@ -193,7 +197,8 @@ def test_speculative(benchmark, bench, case, drafter):
     extra.update(check_first_round(bench, case, [PROMPT], gen.tokens))
     s = gen.stats
     if drafter == "draft":
-        extra.update(draft_variant=bench.draft_variant)
+        extra.update(draft_variant=bench.draft_variant,
+                     draft_vocab=None if vocab is None else len(vocab))
     extra.update(drafter=drafter, draft_tokens=DRAFT_TOKENS[drafter], acceptance=round(s.acceptance or 0, 3),
                  tokens_per_verify_step=round(s.new_tokens / max(1, s.verify_steps), 2))
     fields = _throughput_fields(bench, case, 1, 200, outs, extra)

@@ -65,6 +65,15 @@ def trained_ckpt(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def trained_data(trained_ckpt):
+    """The prepared data folder ``trained_ckpt`` trained on (read-only)."""
+    from pathlib import Path
+
+    (folder,) = (Path(trained_ckpt).parents[1] / "data").glob("stories-*")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def trained_model(trained_ckpt) -> GPT:
     """``trained_ckpt``'s GPT, in eval mode on the CPU."""
     model, _ = checkpoint.load_model(trained_ckpt)

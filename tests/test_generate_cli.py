@@ -100,7 +100,7 @@ def test_streaming_several_prompts_gives_the_batch_text(monkeypatch, tmp_path, t
 
 
 def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_ckpt, tiny_ckpt,
-                                                trained_export):
+                                                trained_export, trained_data):
     path = tmp_path / "prompts.txt"
     path.write_text("Once upon a time\nThe little dog was sad because\n", encoding="utf-8")
     argv = ["--model", trained_ckpt, "--prompt-file", str(path), "--greedy", "--no-stream",
@@ -109,11 +109,23 @@ def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_c
     for extra in (["--speculative", "ngram"], ["--speculative", "ngram", "--draft-tokens", "6"],
                   ["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "naive"],
                   ["--speculative", "draft", "--draft-model", str(trained_export),
-                   "--draft-backend", "ort", "--draft-variant", "int4", "--draft-tokens", "6"]):
+                   "--draft-backend", "ort", "--draft-variant", "int4", "--draft-tokens", "6"],
+                  ["--speculative", "draft", "--draft-model", str(trained_export),
+                   "--draft-backend", "ort", "--draft-vocab", str(trained_data),
+                   "--draft-vocab-size", "300"]):
         assert run_main(monkeypatch, [*argv, *extra]).getvalue() == plain, extra
     proc = _cli(["--model", tiny_ckpt, "--speculative", "draft", "--max-new-tokens", "2"])
     assert proc.returncode == 2 and "needs --draft-model" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    for extra, says in (
+            (["--speculative", "ngram", "--draft-vocab", str(trained_data)], "needs --speculative draft"),
+            (["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "eager",
+              "--draft-vocab", str(trained_data)], "needs an ort draft"),
+            (["--speculative", "draft", "--draft-model", str(trained_export), "--draft-backend",
+              "ort", "--draft-vocab", str(tmp_path)], "no meta.json")):
+        proc = _cli(["--model", tiny_ckpt, "--max-new-tokens", "2", *extra])
+        assert proc.returncode == 2 and says in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_prompt_file_runs_as_one_batch(monkeypatch, tmp_path, tiny_model, tiny_ckpt):

@@ -56,6 +56,47 @@ def test_a_draft_model_that_agrees_is_accepted(trained):
     assert out.stats.acceptance > 0.9  # the same weights draft: only rounding may differ
 
 
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
+def test_a_draft_vocabulary_cuts_the_lm_head_and_keeps_the_guesses(trained, trained_data, variant):
+    """An ort draft restricted to the training text's frequent tokens (runtime.draft_vocab):
+    its logits are the full graph's at those tokens, and drafting for its own model it is
+    still accepted (its picks map back to token ids) with the same output."""
+    from slm_export.runtime.draft_vocab import frequent_tokens
+
+    _, folder = trained
+    ids = frequent_tokens(trained_data, 300)
+    assert 300 <= len(ids) <= 301 and 50256 in ids and bool((ids[1:] > ids[:-1]).all())
+    target = load_backend("ort", folder)
+    full = load_backend("ort", folder, variant=variant)
+    cut = load_draft("ort", folder, target, variant, ids)
+    assert cut.logits_width == len(ids) == cut.session.get_outputs()[0].shape[-1]
+    x = torch.tensor([encode(PROMPTS[0]), encode(PROMPTS[0])[::-1]])
+    want, _ = full.prefill(x)
+    got, _ = cut.prefill(x)
+    torch.testing.assert_close(got, want[:, ids], rtol=1e-5, atol=1e-5)
+    rows = [encode(p) for p in PROMPTS]
+    kw = dict(max_new_tokens=100, sampling=GREEDY, stop_id=None)
+    out = generate(target, rows, drafter=ModelDrafter(cut), draft_tokens=4, **kw)
+    assert out.tokens == generate(target, rows, **kw).tokens
+    assert out.stats.acceptance > 0.5  # the same model (int4: 0.75); unmapped picks: ~0
+
+
+def test_frequent_tokens_ranks_a_data_folder(trained_data, tmp_path):
+    import numpy as np
+
+    from slm_export.data import TokenData
+    from slm_export.errors import SlmError
+    from slm_export.runtime.draft_vocab import frequent_tokens
+
+    counts = np.bincount(TokenData(trained_data).tokens("train"), minlength=50257)
+    top = frequent_tokens(trained_data, 5)
+    assert set(top.tolist()) == {*np.argsort(-counts, kind="stable")[:5].tolist(), 50256}
+    everything = frequent_tokens(trained_data, 50257)  # only tokens the text has
+    assert set(everything.tolist()) == {*np.flatnonzero(counts).tolist(), 50256}
+    with pytest.raises(SlmError, match="no meta.json"):
+        frequent_tokens(tmp_path, 5)
+
+
 # -- sampling keeps the distribution ------------------------------------------------------------
 
 VOCAB = 4

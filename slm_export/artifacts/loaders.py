@@ -71,12 +71,12 @@ def load_aoti(path: str | os.PathLike, device: torch.device | str = "cpu"):
     return model, metadata
 
 
-def ort_session(path: str | os.PathLike, providers: list | None = None,
+def ort_session(path: str | os.PathLike | bytes, providers: list | None = None,
                 threads: int | None = None):
-    """An ONNX Runtime session on ``path``: full graph optimization, ``threads`` intra-op
-    threads (default torch's count), errors-only logging, per-node provider assignment
-    recorded (``placement``); the CPU provider unless ``providers`` names others (the
-    runtime's ort backend chooses CUDA)."""
+    """An ONNX Runtime session on ``path`` (or a serialized model): full graph
+    optimization, ``threads`` intra-op threads (default torch's count), errors-only logging,
+    per-node provider assignment recorded (``placement``); the CPU provider unless
+    ``providers`` names others (the runtime's ort backend chooses CUDA)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -86,10 +86,11 @@ def ort_session(path: str | os.PathLike, providers: list | None = None,
     options.log_severity_level = 3  # errors only: no per-node placement chatter
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     try:
-        return ort.InferenceSession(str(path), options,
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidProtobuf)
-        raise SlmError(f"cannot load ONNX file {path} ({first_line(e)})") from None
+        what = "a modified ONNX graph" if isinstance(path, bytes) else f"ONNX file {path}"
+        raise SlmError(f"cannot load {what} ({first_line(e)})") from None
 
 
 # Ops that carry the model's arithmetic: on the CPU under a GPU provider they mean host copies

@@ -17,6 +17,8 @@ from slm_export.cli.common import (
 )
 from slm_export.errors import SlmError
 
+DRAFT_VOCAB_SIZE = 8192  # --draft-vocab's tokens at most; the embedded stories use ~470
+
 DEFAULT_MODEL = Path("artifacts/runs/latest")
 SEPARATOR = "---------------"
 
@@ -71,6 +73,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--draft-tokens", type=positive_int, default=4,
                    help="drafts verified per step, at most (default 4; a draft model stops "
                         "early where it is unsure)")
+    g.add_argument("--draft-vocab", type=Path, default=None, metavar="DATA_FOLDER",
+                   help="an ort draft guesses only the most frequent tokens of this prepared "
+                        "data folder's train split (e.g. the one the models trained on): its "
+                        "lm_head shrinks to them; the output never changes")
+    g.add_argument("--draft-vocab-size", type=positive_int, default=DRAFT_VOCAB_SIZE,
+                   help=f"tokens --draft-vocab keeps, at most (default {DRAFT_VOCAB_SIZE})")
     return p
 
 
@@ -142,9 +150,11 @@ def _drafter(args, backend):
     """The drafter --speculative asks for (None without it)."""
     from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
+    if args.speculative != "draft":
+        for flag, value in (("--draft-model", args.draft_model), ("--draft-vocab", args.draft_vocab)):
+            if value is not None:
+                raise SlmError(f"{flag} needs --speculative draft")
     if args.speculative is None:
-        if args.draft_model is not None:
-            raise SlmError("--draft-model needs --speculative draft")
         return None
     if args.speculative == "ngram":
         return NgramDrafter()
@@ -154,7 +164,12 @@ def _drafter(args, backend):
     if args.draft_variant != "fp32" and name != "ort":
         raise SlmError(f"--draft-variant {args.draft_variant} needs an ort draft "
                        f"(--draft-backend ort), not {name}")
-    return ModelDrafter(load_draft(name, args.draft_model, backend, args.draft_variant))
+    vocab = None
+    if args.draft_vocab is not None:
+        from slm_export.runtime.draft_vocab import frequent_tokens
+
+        vocab = frequent_tokens(args.draft_vocab, args.draft_vocab_size)
+    return ModelDrafter(load_draft(name, args.draft_model, backend, args.draft_variant, vocab))
 
 
 def write_rows(stream, texts: list[str], out, live: bool) -> None:

@@ -94,11 +94,13 @@ def backend_for_model(name: str, model: torch.nn.Module) -> Backend:
 
 
 def load_backend(name: str, path: str | os.PathLike, device: torch.device | str = "cpu",
-                 variant: str = "fp32", threads: int | None = None) -> Backend:
+                 variant: str = "fp32", threads: int | None = None,
+                 vocab_ids: torch.Tensor | None = None) -> Backend:
     """Build backend ``name`` from a checkpoint / run / export path on ``device``.
 
     An export backend loads the manifest's file of its kind and ``variant``, after checking
-    that file's SHA-256 (the folder's other files are not hashed).
+    that file's SHA-256 (the folder's other files are not hashed). ``vocab_ids`` (ort only):
+    logits of these tokens only (a draft model's vocabulary, ``runtime.draft_vocab``).
     """
     from slm_export.checkpoint import load_model
 
@@ -106,6 +108,8 @@ def load_backend(name: str, path: str | os.PathLike, device: torch.device | str 
     target = resolve_model_path(name, path)
     if variant != "fp32" and name != "ort":
         raise SlmError(f"--variant {variant} applies to the ort backend only")
+    if vocab_ids is not None and name != "ort":
+        raise SlmError(f"a draft vocabulary needs an ort draft (--draft-backend ort), not {name}")
     if name in TORCH_BACKENDS:
         model, _ = load_model(target, device)
         return backend_for_model(name, model)
@@ -120,4 +124,4 @@ def load_backend(name: str, path: str | os.PathLike, device: torch.device | str 
         return AotiBackend(manifest.file("aoti_kv"), manifest.config, device)
     from slm_export.runtime.ort import OrtBackend
 
-    return OrtBackend(manifest.file("onnx_kv", variant), manifest.config, device, threads)
+    return OrtBackend(manifest.file("onnx_kv", variant), manifest.config, device, threads, vocab_ids)

@@ -50,7 +50,10 @@ class OrtBackend(GraphBackend):
     host_threads: int | None = 1
 
     def __init__(self, path: str | os.PathLike, config: GPTConfig,
-                 device: torch.device | str = "cpu", threads: int | None = None):
+                 device: torch.device | str = "cpu", threads: int | None = None,
+                 vocab_ids: torch.Tensor | None = None):
+        """``vocab_ids``: score only these tokens (a draft model's vocabulary,
+        ``runtime.draft_vocab``): logits[..., i] is token vocab_ids[i]."""
         self.config, self.path = config, path
         self.device = torch.device(device)
         self._stream = None
@@ -58,7 +61,17 @@ class OrtBackend(GraphBackend):
         if self.device.type == "cuda":
             providers = self._cuda_providers()
             self.host_threads = None  # the loop's work runs on the GPU
-        self.session = ort_session(path, providers, threads)
+        source = path
+        self.vocab_ids, self.logits_width = None, config.vocab_size
+        if vocab_ids is not None:
+            import onnx
+
+            from slm_export.runtime.draft_vocab import restrict_lm_head
+
+            graph = restrict_lm_head(onnx.load(str(path)), vocab_ids, config.vocab_size)
+            source = graph.SerializeToString()
+            self.vocab_ids, self.logits_width = vocab_ids.to(self.device), len(vocab_ids)
+        self.session = ort_session(source, providers, threads)
         self._check_providers(path, providers[0])
         self._check_signature(path)
         self._binding = self.session.io_binding()
@@ -123,7 +136,7 @@ class OrtBackend(GraphBackend):
         c = self.config
         B, T = ids.shape
         total = past[0].size(2) + T
-        logits = torch.empty(B, keep, c.vocab_size, dtype=self._logits_dtype, device=self.device)
+        logits = torch.empty(B, keep, self.logits_width, dtype=self._logits_dtype, device=self.device)
         present = [torch.empty(B, c.n_head, total, c.head_dim, dtype=self.kv_dtype,
                                device=self.device) for _ in past]
         tokens = [t.contiguous() for t in (ids, mask, pos)]  # alive until the run: bound by pointer

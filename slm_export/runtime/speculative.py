@@ -97,12 +97,19 @@ class ModelDrafter:
                                device=device)
             logits, self._state = self.backend.decode(ids, self._state)
         self._fed = [len(h) for h in history]
-        drafts = [logits.argmax(-1)]
+        drafts = [self._pick(logits)]
         while len(drafts) < k and self._confident(logits):
             logits, self._state = self.backend.decode(drafts[-1], self._state)
-            drafts.append(logits.argmax(-1))
+            drafts.append(self._pick(logits))
         self._kept_drafts = len(drafts) - 1  # the last draft was never fed
         return torch.stack(drafts, dim=1).tolist()
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy guess per row, as token ids (a draft with its own vocabulary scores
+        ``backend.vocab_ids`` only)."""
+        best = logits.argmax(-1)
+        ids = getattr(self.backend, "vocab_ids", None)
+        return best if ids is None else ids[best]
 
     def _confident(self, logits: torch.Tensor) -> bool:
         """Every row's latest draft has at least ``min_confidence`` probability."""
@@ -120,9 +127,11 @@ class ModelDrafter:
         self._kept_drafts = 0
 
 
-def load_draft(name: str, path, target: Backend, variant: str = "fp32") -> Backend:
+def load_draft(name: str, path, target: Backend, variant: str = "fp32",
+               vocab_ids: torch.Tensor | None = None) -> Backend:
     """The draft model for ``ModelDrafter``: backend ``name`` on ``path``, on the target's
-    device, sharing its vocabulary (``SlmError`` otherwise).
+    device, sharing its vocabulary (``SlmError`` otherwise); ``vocab_ids`` (ort only): it
+    guesses among these tokens only, its lm_head cut to them (``runtime.draft_vocab``).
 
     An ort draft on the CPU runs with one intra-op thread: it runs in turn with the target,
     and a second ORT thread pool spinning on the same cores slows both (measured in
@@ -132,7 +141,8 @@ def load_draft(name: str, path, target: Backend, variant: str = "fp32") -> Backe
     from slm_export.runtime import load_backend
 
     cpu_ort = name == "ort" and target.device.type == "cpu"
-    draft = load_backend(name, path, target.device, variant, threads=1 if cpu_ort else None)
+    draft = load_backend(name, path, target.device, variant, threads=1 if cpu_ort else None,
+                         vocab_ids=vocab_ids)
     if draft.config.vocab_size != target.config.vocab_size:
         raise SlmError(f"the draft model has a vocabulary of {draft.config.vocab_size}, the "
                        f"model {target.config.vocab_size}: a draft must share the tokenizer")

@@ -1,0 +1,117 @@
+"""A draft model's lm_head cut to the tokens its text uses (a frequency-ranked draft
+vocabulary, as FR-Spec does for large vocabularies).
+
+A small draft's cost per guess is mostly its lm_head: the tiny preset's (50257 x 128) is
+most of its weights, and its ort int4 step took half an int8 30m step (bench/RESULTS.md).
+The stories the models learn use a few hundred distinct tokens, so the draft scores only
+the most frequent tokens of a prepared data folder's train split: the ONNX graph's lm_head
+weight keeps those rows, and the drafter maps its picks back to token ids. The target
+still verifies every guess, so the output never changes; a token outside the list can only
+be missed as a guess, never lost.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from slm_export.data import TokenData
+from slm_export.errors import SlmError
+from slm_export.tokenizer import EOT_ID
+
+
+def frequent_tokens(data_folder: str | os.PathLike, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``data_folder``'s train split, plus
+    <|endoftext|>, in increasing id order (int64)."""
+    if size < 1:
+        raise SlmError(f"--draft-vocab-size must be at least 1, not {size}")
+    counts = np.bincount(TokenData(data_folder).tokens("train"), minlength=EOT_ID + 1)
+    ranked = np.argsort(-counts, kind="stable")[:size]
+    keep = np.union1d(ranked[counts[ranked] > 0], [EOT_ID])
+    return torch.from_numpy(keep.astype(np.int64))
+
+
+def restrict_lm_head(model: onnx.ModelProto, ids: torch.Tensor, vocab_size: int) -> onnx.ModelProto:
+    """``model`` (an exported cache graph, loaded with its weights) whose ``logits`` output
+    covers only ``ids``: the lm_head's weight initializers keep those rows. Handles the
+    graphs our export writes: fp32 / fp16 (MatMul, the weight through a Transpose), int8
+    (MatMulInteger on the (n_embd, vocab) weight) and int4 (MatMulNBits, its scales too)."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {i.name: i for i in graph.initializer}
+    head = _head_node(producers, inits)
+    rows = ids.numpy()
+    if head.op_type == "MatMulNBits":  # weight (N, blocks, bytes), scales (N * blocks) or (N, blocks)
+        for name in head.input[1:]:
+            if name in inits:
+                _slice(graph, inits[name], rows, axis=0, groups=vocab_size)
+        for attr in head.attribute:
+            if attr.name == "N":
+                attr.i = len(rows)
+    else:
+        weight = _vocab_weight(head, producers, inits, vocab_size)
+        axis = list(weight.dims).index(vocab_size)
+        _slice(graph, weight, rows, axis=axis, groups=vocab_size, private=True, users=head)
+    for out in graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[-1].dim_value = len(rows)
+    return model
+
+
+def _head_node(producers: dict, inits: dict) -> onnx.NodeProto:
+    """The matmul node whose output becomes ``logits`` (through casts / scale multiplies)."""
+    node = producers.get("logits")
+    while node is not None:
+        if node.op_type in ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm"):
+            return node
+        data = [x for x in node.input if x in producers and x not in inits]
+        node = producers[data[0]] if data else None
+    raise SlmError("this ONNX graph has no lm_head matmul before its logits")
+
+
+def _vocab_weight(head, producers, inits, vocab_size) -> onnx.TensorProto:
+    for name in head.input:
+        if name in inits and vocab_size in inits[name].dims:
+            return inits[name]
+        node = producers.get(name)
+        if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
+            return inits[node.input[0]]
+    raise SlmError("cannot find the lm_head weight of this ONNX graph")
+
+
+def _slice(graph, tensor: onnx.TensorProto, rows: np.ndarray, axis: int, groups: int,
+           private: bool = False, users=None) -> None:
+    """Replace ``tensor`` by its ``rows`` along ``axis`` (a flat tensor of ``groups`` equal
+    parts is sliced by part). ``private``: the tied embedding reads the same initializer,
+    so the head gets a copy under a new name (``users``: the nodes to rewire)."""
+    array = numpy_helper.to_array(tensor)
+    shape = array.shape
+    if array.ndim == 1:
+        array = array.reshape(groups, -1)
+    cut = np.ascontiguousarray(np.take(array, rows, axis=axis))
+    if len(shape) == 1:
+        cut = cut.reshape(-1)
+    name = tensor.name + ".draft_rows" if private else tensor.name
+    new = numpy_helper.from_array(cut, name)
+    if private:
+        graph.initializer.append(new)
+        _rewire(graph, tensor.name, name, users)
+    else:
+        tensor.CopyFrom(new)
+
+
+def _rewire(graph, old: str, new: str, head: onnx.NodeProto) -> None:
+    """Point the head (or the Transpose feeding it) at ``new`` instead of ``old``."""
+    producers = {out: node for node in graph.node for out in node.output}
+    for i, name in enumerate(head.input):
+        if name == old:
+            head.input[i] = new
+            return
+        node = producers.get(name)
+        if node is not None and node.op_type == "Transpose" and node.input[0] == old:
+            node.input[0] = new
+            return
