@@ -7,7 +7,8 @@ The stories the models learn use a few hundred distinct tokens, so the draft sco
 the most frequent tokens of a prepared data folder's train split: the ONNX graph's lm_head
 weight keeps those rows, and the drafter maps its picks back to token ids. The target
 still verifies every guess, so the output never changes; a token outside the list can only
-be missed as a guess, never lost.
+be missed as a guess, never lost. (The drafter's confidence stop then reads probabilities
+normalised over the list: a little higher than over the whole vocabulary.)
 """
 
 from __future__ import annotations
