@@ -46,17 +46,18 @@ def restrict_lm_head(model: onnx.ModelProto, ids: torch.Tensor, vocab_size: int)
     inits = {i.name: i for i in graph.initializer}
     head = _head_node(producers, inits)
     rows = ids.numpy()
-    if head.op_type == "MatMulNBits":  # weight (N, blocks, bytes), scales (N * blocks) or (N, blocks)
+    if head.op_type == "MatMulNBits":  # its own weight (N, blocks, bytes) and scales: cut them
         for name in head.input[1:]:
             if name in inits:
-                _slice(graph, inits[name], rows, axis=0, groups=vocab_size)
+                inits[name].CopyFrom(numpy_helper.from_array(_rows(inits[name], rows, 0, vocab_size), name))
         for attr in head.attribute:
             if attr.name == "N":
                 attr.i = len(rows)
-    else:
-        weight = _vocab_weight(head, producers, inits, vocab_size)
-        axis = list(weight.dims).index(vocab_size)
-        _slice(graph, weight, rows, axis=axis, groups=vocab_size, private=True, users=head)
+    else:  # the weight may be the tied embedding's too: the head reads a cut copy
+        reader, slot, weight = _weight_reader(head, producers, inits, vocab_size)
+        cut = _rows(weight, rows, list(weight.dims).index(vocab_size), vocab_size)
+        graph.initializer.append(numpy_helper.from_array(cut, weight.name + ".draft_rows"))
+        reader.input[slot] = weight.name + ".draft_rows"
     for out in graph.output:
         if out.name == "logits":
             out.type.tensor_type.shape.dim[-1].dim_value = len(rows)
@@ -74,45 +75,21 @@ def _head_node(producers: dict, inits: dict) -> onnx.NodeProto:
     raise SlmError("this ONNX graph has no lm_head matmul before its logits")
 
 
-def _vocab_weight(head, producers, inits, vocab_size) -> onnx.TensorProto:
-    for name in head.input:
+def _weight_reader(head, producers, inits, vocab_size) -> tuple[onnx.NodeProto, int, onnx.TensorProto]:
+    """(the node reading the lm_head weight, which of its inputs, the weight): the head
+    itself, or the Transpose feeding it."""
+    for i, name in enumerate(head.input):
         if name in inits and vocab_size in inits[name].dims:
-            return inits[name]
+            return head, i, inits[name]
         node = producers.get(name)
         if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
-            return inits[node.input[0]]
+            return node, 0, inits[node.input[0]]
     raise SlmError("cannot find the lm_head weight of this ONNX graph")
 
 
-def _slice(graph, tensor: onnx.TensorProto, rows: np.ndarray, axis: int, groups: int,
-           private: bool = False, users=None) -> None:
-    """Replace ``tensor`` by its ``rows`` along ``axis`` (a flat tensor of ``groups`` equal
-    parts is sliced by part). ``private``: the tied embedding reads the same initializer,
-    so the head gets a copy under a new name (``users``: the nodes to rewire)."""
+def _rows(tensor: onnx.TensorProto, rows: np.ndarray, axis: int, vocab_size: int) -> np.ndarray:
+    """``tensor``'s ``rows`` along ``axis`` (a flat tensor is ``vocab_size`` equal parts)."""
     array = numpy_helper.to_array(tensor)
-    shape = array.shape
-    if array.ndim == 1:
-        array = array.reshape(groups, -1)
-    cut = np.ascontiguousarray(np.take(array, rows, axis=axis))
-    if len(shape) == 1:
-        cut = cut.reshape(-1)
-    name = tensor.name + ".draft_rows" if private else tensor.name
-    new = numpy_helper.from_array(cut, name)
-    if private:
-        graph.initializer.append(new)
-        _rewire(graph, tensor.name, name, users)
-    else:
-        tensor.CopyFrom(new)
-
-
-def _rewire(graph, old: str, new: str, head: onnx.NodeProto) -> None:
-    """Point the head (or the Transpose feeding it) at ``new`` instead of ``old``."""
-    producers = {out: node for node in graph.node for out in node.output}
-    for i, name in enumerate(head.input):
-        if name == old:
-            head.input[i] = new
-            return
-        node = producers.get(name)
-        if node is not None and node.op_type == "Transpose" and node.input[0] == old:
-            node.input[0] = new
-            return
+    flat = array.ndim == 1
+    cut = np.take(array.reshape(vocab_size, -1) if flat else array, rows, axis=axis)
+    return np.ascontiguousarray(cut.reshape(-1) if flat else cut)
