@@ -62,6 +62,10 @@ def pytest_addoption(parser):
                 help="a prepared data folder: the draft guesses only its most frequent tokens "
                      "(generate.py --draft-vocab; default: the stories the bench's own models "
                      "trained on, with its own tiny draft; 'none': the full vocabulary)")
+    g.addoption("--bench-ngram-data", default=None,
+                help="a prepared data folder for the ngram+data speculative rows (generate.py "
+                     "--ngram-data; default: the stories the bench's own models trained on; "
+                     "'none' leaves those rows out)")
     g.addoption("--bench-backends", default=None,
                 help="comma-separated subset, e.g. eager,ort,ort-int8 (default: all)")
     g.addoption("--bench-threads", type=int, default=None,
@@ -122,6 +126,7 @@ class Bench:
     draft_dir: Path | None = None  # a smaller trained model of the same tokenizer, if any
     draft_variant: str = "int4"  # its ONNX variant, run through ort
     draft_vocab: Path | None = None  # a data folder: the draft scores its frequent tokens only
+    ngram_data: Path | None = None  # a data folder: n-gram counts for the ngram+data rows
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
     results: list[bm.Result] = field(default_factory=list)
     _eager: object = None
@@ -219,22 +224,25 @@ def bench(request) -> Bench:
     torch.set_num_threads(threads)
     device = resolve_device(opt("--bench-device"))
     draft = Path(opt("--bench-draft")) if opt("--bench-draft") else None
-    vocab = opt("--bench-draft-vocab")
+    vocab, ngram_data = opt("--bench-draft-vocab"), opt("--bench-ngram-data")
     if opt("--bench-model"):
         model_dir, preset = Path(opt("--bench-model")), Path(opt("--bench-model")).name
     else:
         preset = opt("--bench-preset")
         model_dir = _trained_model(preset, opt("--bench-train-steps") or TRAIN_STEPS[preset],
                                    opt("--bench-refresh"))
+        stories = ARTIFACTS / "data" / Source.of(TrainConfig()).name  # what they trained on
+        ngram_data = ngram_data or stories
         if draft is None and preset != "tiny" and not opt("--bench-quick"):
             draft = _trained_model("tiny", TRAIN_STEPS["tiny"] * 2, opt("--bench-refresh"))
-            vocab = vocab or ARTIFACTS / "data" / Source.of(TrainConfig()).name  # its stories
+            vocab = vocab or stories
     bandwidth = bm.measure_read_bandwidth(device, threads)
     _BENCH = Bench(model_dir=model_dir, preset=preset, config=_model_config(model_dir),
                    device=device, threads=threads, quick=opt("--bench-quick"),
                    full=opt("--bench-full"), bandwidth=bandwidth, draft_dir=draft,
                    draft_variant=opt("--bench-draft-variant"),
-                   draft_vocab=None if vocab in (None, "none") else Path(vocab))
+                   draft_vocab=None if vocab in (None, "none") else Path(vocab),
+                   ngram_data=None if ngram_data in (None, "none") else Path(ngram_data))
     return _BENCH
 
 
@@ -298,6 +306,7 @@ def write_results(b: Bench, path: str) -> Path:
         "draft_model": None if b.draft_dir is None else str(b.draft_dir),
         "draft_variant": b.draft_variant,
         "draft_vocab": None if b.draft_vocab is None else str(b.draft_vocab),
+        "ngram_data": None if b.ngram_data is None else str(b.ngram_data),
     })
 
 

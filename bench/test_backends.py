@@ -25,11 +25,12 @@ from slm_export.cli.generate import DRAFT_VOCAB_SIZE
 from slm_export.runtime import GREEDY, TokenStream
 from slm_export.runtime.base import host_threads
 from slm_export.runtime.draft_vocab import frequent_tokens
+from slm_export.runtime.ngram_table import NgramTable
 from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time" in GPT-2 BPE: a 4-token prompt
 MIN_TOP1 = {"int8": 0.9, "int4": 0.85, "fp16": 0.98}  # agreement with eager's top-1 choices
-DRAFT_TOKENS = {"ngram": 4, "draft": 6}  # at most: the draft model stops early where unsure
+DRAFT_TOKENS = {"ngram": 4, "ngram+data": 4, "draft": 6}  # at most: drafts stop where unsure
 
 
 def _prompt_ids(length: int, vocab: int) -> list[int]:
@@ -173,7 +174,7 @@ def test_decode(benchmark, bench, case, batch, new_tokens):
             **_throughput_fields(bench, case, batch, new_tokens, outs, extra))
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+@pytest.mark.parametrize("drafter", ["ngram", "ngram+data", "draft"])
 def test_speculative(benchmark, bench, case, drafter):
     """Batch 1, 200 greedy tokens with speculation: tokens/s beside the plain row, acceptance
     rate and mean tokens per verify step; the tokens must be the plain greedy ones."""
@@ -183,14 +184,18 @@ def test_speculative(benchmark, bench, case, drafter):
         pytest.skip("naive recomputes the window: speculation only multiplies its work")
     if drafter == "draft" and bench.draft_dir is None:
         pytest.skip("no draft model: --bench-draft DIR, or the default 30m run (tiny drafts)")
-    draft_backend = vocab = None
+    if drafter == "ngram+data" and bench.ngram_data is None:
+        pytest.skip("no data folder: --bench-ngram-data DIR, or the bench's own model")
+    draft_backend = vocab = table = None
     if drafter == "draft":  # as generate.py --draft-backend ort --draft-variant --draft-vocab
         if bench.draft_vocab is not None:
             vocab = frequent_tokens(bench.draft_vocab, DRAFT_VOCAB_SIZE)
         draft_backend = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant, vocab)
+    if drafter == "ngram+data":  # as generate.py --speculative ngram --ngram-data
+        table = NgramTable.from_data(bench.ngram_data)
 
     def call():
-        made = NgramDrafter() if drafter == "ngram" else ModelDrafter(draft_backend)
+        made = ModelDrafter(draft_backend) if drafter == "draft" else NgramDrafter(table=table)
         return run_stream(case.backend, [PROMPT], 200, made, DRAFT_TOKENS[drafter])
 
     (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call)

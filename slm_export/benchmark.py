@@ -377,7 +377,8 @@ def summary_table(doc: dict[str, Any]) -> str:
     row of the same length, the 128-token prefill) from a results.json."""
     rows = doc["results"]
     head = ("| backend | variant | file MB | load s | b1 tok/s | b8 tok/s | b32 tok/s | b8 / b1 "
-            "| ngram spec. tok/s | draft spec. tok/s | prefill 128 ms | peak mem MB |")
+            "| ngram spec. tok/s | ngram+data spec. tok/s | draft spec. tok/s | prefill 128 ms "
+            "| peak mem MB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
 
     def tps(row):
@@ -404,7 +405,7 @@ def summary_table(doc: dict[str, Any]) -> str:
         peak = max((r["peak_mem_mb"] for r in same if r.get("peak_mem_mb") is not None), default=None)
         cells = [backend, variant, "-" if file_mb is None else f"{file_mb:.1f}",
                  "-" if load_s is None else f"{load_s:.2f}", tps(b1), tps(b8), tps(b32), ratio,
-                 spec("ngram", plain200), spec("draft", plain200),
+                 spec("ngram", plain200), spec("ngram+data", plain200), spec("draft", plain200),
                  "-" if prefill is None else f"{prefill['ttft_ms']:.1f}",
                  "-" if peak is None else f"{peak:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

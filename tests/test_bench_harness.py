@@ -112,13 +112,15 @@ def test_summary_puts_each_backend_on_one_row(tmp_path):
             _row("ort", 400.0, batch=8, new_tokens=124),
             _row("ort", 90.0),  # the plain batch-1 / 200-token row speculation is compared with
             _row("ort", 180.0, scenario="speculative", extra={"drafter": "ngram"}),
+            _row("ort", 270.0, scenario="speculative", extra={"drafter": "ngram+data"}),
             _row("eager", 50.0, new_tokens=124, peak_mem_mb=99.0)]
     doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
     table = bm.summary_table(doc).splitlines()
     assert len(table) == 2 + 2
     ort = next(line for line in table if line.startswith("| ort "))
     assert [c.strip() for c in ort.split("|")[1:-1]] == [
-        "ort", "fp32", "9.5", "0.25", "100.0", "400.0", "-", "4.00x", "180.0 (2.00x)", "-", "-", "12"]
+        "ort", "fp32", "9.5", "0.25", "100.0", "400.0", "-", "4.00x", "180.0 (2.00x)",
+        "270.0 (3.00x)", "-", "-", "12"]
 
 
 @pytest.mark.parametrize("page", ["bench/RESULTS.md", "README.md"])

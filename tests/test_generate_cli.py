@@ -107,6 +107,7 @@ def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_c
             "--max-new-tokens", "150"]
     plain = run_main(monkeypatch, argv).getvalue()
     for extra in (["--speculative", "ngram"], ["--speculative", "ngram", "--draft-tokens", "6"],
+                  ["--speculative", "ngram", "--ngram-data", str(trained_data)],
                   ["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "naive"],
                   ["--speculative", "draft", "--draft-model", str(trained_export),
                    "--draft-backend", "ort", "--draft-variant", "int4", "--draft-tokens", "6"],
@@ -119,6 +120,8 @@ def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_c
     assert len(proc.stderr.strip().splitlines()) == 1
     for extra, says in (
             (["--speculative", "ngram", "--draft-vocab", str(trained_data)], "needs --speculative draft"),
+            (["--ngram-data", str(trained_data)], "needs --speculative ngram"),
+            (["--speculative", "ngram", "--ngram-data", str(tmp_path)], "no meta.json"),
             (["--speculative", "draft", "--draft-model", tiny_ckpt, "--draft-backend", "eager",
               "--draft-vocab", str(trained_data)], "needs an ort draft"),
             (["--speculative", "draft", "--draft-model", str(trained_export), "--draft-backend",

@@ -7,12 +7,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from slm_export.config import GPTConfig
 from slm_export.model import GPT
 from slm_export.runtime import GREEDY, SamplingConfig, backend_for_model, generate, load_backend
+from slm_export.runtime.ngram_table import NgramTable
 from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 from slm_export.tokenizer import encode
 
@@ -26,8 +28,13 @@ def trained(trained_model, trained_export):
     return trained_model, trained_export
 
 
+@pytest.fixture(scope="module")
+def table(trained_data):
+    return NgramTable.from_data(trained_data)
+
+
 @pytest.mark.parametrize("name", ["eager", "naive", "torchscript", "ort", "compiled"])
-def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model):
+def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model, table):
     backend = trained_backends[name]  # shared with tests/test_runtime.py: compiled compiles once
     rows = [encode(p) for p in PROMPTS]
     kw = dict(max_new_tokens=180, sampling=GREEDY, stop_id=None)
@@ -36,6 +43,10 @@ def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model):
     ngram = generate(backend, rows, drafter=NgramDrafter(), draft_tokens=4, **kw)
     assert ngram.tokens == plain.tokens and ngram.stats.prefills == plain.stats.prefills > 1
     assert ngram.stats.accepted > 0 and ngram.stats.verify_steps < plain.stats.decodes
+    # With the training text's n-grams where a row has no repeat: more drafts kept.
+    counted = generate(backend, rows, drafter=NgramDrafter(table=table), draft_tokens=4, **kw)
+    assert counted.tokens == plain.tokens
+    assert counted.stats.accepted > 1.2 * ngram.stats.accepted
     # An unrelated random draft model: nearly every draft is rejected and rewound (drafting
     # all 3 each step, however unsure it is).
     draft = ModelDrafter(backend_for_model("eager", tiny_model), min_confidence=0)
@@ -95,6 +106,39 @@ def test_frequent_tokens_ranks_a_data_folder(trained_data, tmp_path):
     assert set(everything.tolist()) == {*np.flatnonzero(counts).tolist(), 50256}
     with pytest.raises(SlmError, match="no meta.json"):
         frequent_tokens(tmp_path, 5)
+
+
+def test_an_ngram_table_counts_followers_and_drafts_from_the_longest_context():
+    #         0  1  2  3  4  5  6  7  8  9 10 11 12 13
+    stream = [5, 1, 2, 4, 9, 1, 2, 4, 7, 1, 2, 3, 9, 1]
+    table = NgramTable(np.array(stream, dtype=np.uint16), min_share=0.6)
+    assert table.next_token([8, 1, 2]) == 4  # (1, 2): 4 twice, 3 once; (8, 1, 2) unseen
+    assert table.next_token([9, 1, 2]) == 4  # (9, 1, 2) -> 4 once only: below min_count
+    assert table.next_token([2]) == 4 and table.next_token([6]) is None
+    assert table.next_token([4]) is None  # 9 and 7 once each: 50% < min_share
+    assert table.draft([0, 9, 1], 5) == [2, 4]  # then (1, 2, 4) -> 9 / 7 stops it
+    assert table.draft([0, 9, 1], 1) == [2]
+
+
+def test_an_ngram_table_matches_a_plain_count_of_a_data_folder(trained_data, table, tmp_path):
+    from collections import Counter, defaultdict
+
+    from slm_export.data import TokenData
+    from slm_export.errors import SlmError
+
+    tokens = TokenData(trained_data).tokens("train").tolist()
+    followers = defaultdict(Counter)
+    for n in (1, 2, 3):
+        for i in range(len(tokens) - n):
+            followers[tuple(tokens[i:i + n])][tokens[i + n]] += 1
+    seen = [c for c, f in followers.items() if f.total() >= 2]
+    assert len(table) == len(seen) > 1000
+    for context in seen[::7]:
+        (best, count), *_ = sorted(followers[context].items(), key=lambda tc: (-tc[1], -tc[0]))
+        share_ok = count / followers[context].total() >= table.min_share
+        assert table.next_token(list(context)) == (best if share_ok else None), context
+    with pytest.raises(SlmError, match="no meta.json"):
+        NgramTable.from_data(tmp_path)
 
 
 # -- sampling keeps the distribution ------------------------------------------------------------

@@ -62,7 +62,12 @@ def build_parser() -> ArgumentParser:
                         "--quantize int8|int4 / --dtype fp16 (default fp32)")
     g = p.add_argument_group("speculative decoding (same output distribution, fewer passes)")
     g.add_argument("--speculative", choices=SPECULATIVE, default=None,
-                   help="ngram: drafts from the text's own repeats; draft: from --draft-model")
+                   help="ngram: drafts from the text's own repeats (and --ngram-data); "
+                        "draft: from --draft-model")
+    g.add_argument("--ngram-data", type=Path, default=None, metavar="DATA_FOLDER",
+                   help="ngram also drafts from the n-gram counts of this prepared data "
+                        "folder's train split (e.g. the one the model trained on) where the "
+                        "text has no repeat; the output never changes")
     g.add_argument("--draft-model", type=Path, default=None,
                    help="a smaller checkpoint or export of the same tokenizer (--speculative draft)")
     g.add_argument("--draft-backend", choices=BACKENDS, default=None,
@@ -150,14 +155,17 @@ def _drafter(args, backend):
     """The drafter --speculative asks for (None without it)."""
     from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
-    if args.speculative != "draft":
-        for flag, value in (("--draft-model", args.draft_model), ("--draft-vocab", args.draft_vocab)):
-            if value is not None:
-                raise SlmError(f"{flag} needs --speculative draft")
+    for flag, value, mode in (("--draft-model", args.draft_model, "draft"),
+                              ("--draft-vocab", args.draft_vocab, "draft"),
+                              ("--ngram-data", args.ngram_data, "ngram")):
+        if value is not None and args.speculative != mode:
+            raise SlmError(f"{flag} needs --speculative {mode}")
     if args.speculative is None:
         return None
     if args.speculative == "ngram":
-        return NgramDrafter()
+        from slm_export.runtime.ngram_table import NgramTable
+
+        return NgramDrafter(table=None if args.ngram_data is None else NgramTable.from_data(args.ngram_data))
     if args.draft_model is None:
         raise SlmError("--speculative draft needs --draft-model CHECKPOINT_OR_EXPORT")
     name = args.draft_backend or args.backend

@@ -10,9 +10,10 @@ accepted further emits its draft at position n, which the rule accepted; the oth
 their resampled (or, at n = K, bonus) token. The cache is rewound to the kept positions.
 
 Drafts (``Drafter``): ``NgramDrafter`` (prompt lookup: the continuation of the longest
-recent n-gram match in the row's own history, no second model) and ``ModelDrafter`` (a
-smaller model of the same tokenizer through any backend, greedy, drafting fewer tokens where
-it is unsure).
+recent n-gram match in the row's own history, no second model; else, optionally, from the
+n-gram counts of the training text, ``ngram_table.py``) and ``ModelDrafter`` (a smaller
+model of the same tokenizer through any backend, greedy, drafting fewer tokens where it is
+unsure).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from slm_export.errors import SlmError
 from slm_export.runtime.base import Backend, State, left_pad
+from slm_export.runtime.ngram_table import NgramTable
 from slm_export.runtime.sampling import SamplingConfig, probabilities
 
 SPECULATIVE = ("ngram", "draft")
@@ -41,17 +43,21 @@ class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the row's last n tokens (n from
     ``max_ngram`` down to ``min_ngram``) and propose what followed it.
 
-    No match of at least ``min_ngram`` tokens: no drafts, a plain decode step. A single
-    repeated token predicts little: on the bench's stories, drafts after 1-token matches
-    were 26% accepted and made eager no faster; from 2-token matches on, 67%
+    No match of at least ``min_ngram`` tokens: the drafts of ``table`` (an ``NgramTable`` of
+    the text the model learned, ``generate.py --ngram-data``), else none and a plain decode
+    step. A single repeated token predicts little: on the bench's stories, drafts after
+    1-token matches were 26% accepted and made eager no faster; from 2-token matches on, 67%
     (bench/RESULTS.md).
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, table: NgramTable | None = None):
+        self.max_ngram, self.min_ngram, self.table = max_ngram, min_ngram, table
 
     def propose(self, history: Sequence[Sequence[int]], k: int) -> list[list[int]]:
-        return [self._lookup(list(row), k) for row in history]
+        drafts = [self._lookup(list(row), k) for row in history]
+        if self.table is not None:
+            drafts = [d or self.table.draft(row, k) for d, row in zip(drafts, history, strict=True)]
+        return drafts
 
     def _lookup(self, row: list[int], k: int) -> list[int]:
         for n in range(min(self.max_ngram, len(row) - 1), self.min_ngram - 1, -1):
