@@ -24,7 +24,7 @@ from slm_export.data import TokenData
 from slm_export.errors import SlmError
 
 MAX_CONTEXT = 3  # tokens: 3 x 16 bits of key, and the follower's 16 bits, fit in a uint64
-MAX_TOKENS = 1 << 24  # of the train split read: ~5 s to count, ~0.5 GB while counting
+MAX_TOKENS = 1 << 24  # of the train split counted: ~3 s and ~0.5 GB here, a 10 MB table
 
 
 def _pack(windows: list[np.ndarray]) -> np.ndarray:

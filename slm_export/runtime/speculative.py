@@ -19,14 +19,16 @@ unsure).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from slm_export.errors import SlmError
 from slm_export.runtime.base import Backend, State, left_pad
-from slm_export.runtime.ngram_table import NgramTable
 from slm_export.runtime.sampling import SamplingConfig, probabilities
+
+if TYPE_CHECKING:
+    from slm_export.runtime.ngram_table import NgramTable
 
 SPECULATIVE = ("ngram", "draft")
 
