@@ -25,7 +25,6 @@ SEPARATOR = "---------------"
 
 def build_parser() -> ArgumentParser:
     from slm_export.runtime import BACKENDS, OVERFLOW_POLICIES
-    from slm_export.runtime.speculative import SPECULATIVE
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--backend", choices=BACKENDS, default="eager",
@@ -60,6 +59,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
                    help="ONNX model variant for the ort backend, as written by export.py "
                         "--quantize int8|int4 / --dtype fp16 (default fp32)")
+    _add_speculative_args(p, BACKENDS)
+    return p
+
+
+def _add_speculative_args(p: ArgumentParser, backends) -> None:
+    from slm_export.runtime.speculative import SPECULATIVE
+
     g = p.add_argument_group("speculative decoding (same output distribution, fewer passes)")
     g.add_argument("--speculative", choices=SPECULATIVE, default=None,
                    help="ngram: drafts from the text's own repeats (and --ngram-data); "
@@ -70,7 +76,7 @@ def build_parser() -> ArgumentParser:
                         "text has no repeat; the output never changes")
     g.add_argument("--draft-model", type=Path, default=None,
                    help="a smaller checkpoint or export of the same tokenizer (--speculative draft)")
-    g.add_argument("--draft-backend", choices=BACKENDS, default=None,
+    g.add_argument("--draft-backend", choices=backends, default=None,
                    help="backend of the draft model (default: --backend)")
     g.add_argument("--draft-variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
                    help="ONNX variant of an ort draft model (default fp32); int8 / int4 read "
@@ -84,7 +90,6 @@ def build_parser() -> ArgumentParser:
                         "lm_head shrinks to them; the output never changes")
     g.add_argument("--draft-vocab-size", type=positive_int, default=DRAFT_VOCAB_SIZE,
                    help=f"tokens --draft-vocab keeps, at most (default {DRAFT_VOCAB_SIZE})")
-    return p
 
 
 def read_prompts(args) -> list[str]:

@@ -35,6 +35,14 @@ def _pack(windows: list[np.ndarray]) -> np.ndarray:
     return packed
 
 
+def _pack_ints(tokens: list[int]) -> int:
+    """``_pack`` of one row of Python ints."""
+    packed = 0
+    for t in tokens:
+        packed = packed << 16 | t
+    return packed
+
+
 class NgramTable:
     """For each context of 1 to ``max_context`` tokens seen at least ``min_count`` times in
     a token stream: its most frequent next token and that token's share of the count."""
@@ -103,9 +111,3 @@ class NgramTable:
             context = (context + [token])[-self.max_context:]
         return out
 
-
-def _pack_ints(tokens: list[int]) -> int:
-    packed = 0
-    for t in tokens:
-        packed = packed << 16 | t
-    return packed
