@@ -118,6 +118,13 @@ def test_an_ngram_table_counts_followers_and_drafts_from_the_longest_context():
     assert table.next_token([4]) is None  # 9 and 7 once each: 50% < min_share
     assert table.draft([0, 9, 1], 5) == [2, 4]  # then (1, 2, 4) -> 9 / 7 stops it
     assert table.draft([0, 9, 1], 1) == [2]
+    assert table.draft(np.array([0, 9, 1], dtype=np.uint16), 2) == [2, 4]  # a data folder's dtype
+    # The longest known context decides: (6, 1, 2) is split, so no draft, though (1, 2) -> 3.
+    # A context seen once does not count: (8, 1, 2) -> 5 once, so (1, 2) -> 3 drafts.
+    stream = [6, 1, 2, 3, 6, 1, 2, 4, 0, 1, 2, 3, 0, 1, 2, 3, 8, 1, 2, 5]
+    table = NgramTable(np.array(stream, dtype=np.uint16), min_share=0.6)
+    assert table.next_token([6, 1, 2]) is None and table.next_token([1, 2]) == 3
+    assert table.next_token([8, 1, 2]) == 3 and table.next_token([0, 1, 2]) == 3
 
 
 def test_an_ngram_table_matches_a_plain_count_of_a_data_folder(trained_data, table, tmp_path):

@@ -118,6 +118,7 @@ def read_prompts(args) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
+    check_speculative_flags(args)  # before the model loads
 
     from slm_export.runtime import SamplingConfig, TokenStream, make_generator
     from slm_export.runtime.base import host_threads
@@ -156,27 +157,32 @@ def _load(args):
         return load_backend(args.backend, model, "cpu", args.variant)
 
 
-def _drafter(args, backend):
-    """The drafter --speculative asks for (None without it)."""
-    from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
-
+def check_speculative_flags(args) -> None:
+    """The speculative flags agree with each other (SlmError otherwise)."""
     for flag, value, mode in (("--draft-model", args.draft_model, "draft"),
                               ("--draft-vocab", args.draft_vocab, "draft"),
                               ("--ngram-data", args.ngram_data, "ngram")):
         if value is not None and args.speculative != mode:
             raise SlmError(f"{flag} needs --speculative {mode}")
+    if args.speculative == "draft" and args.draft_model is None:
+        raise SlmError("--speculative draft needs --draft-model CHECKPOINT_OR_EXPORT")
+    name = args.draft_backend or args.backend
+    if args.speculative == "draft" and args.draft_variant != "fp32" and name != "ort":
+        raise SlmError(f"--draft-variant {args.draft_variant} needs an ort draft "
+                       f"(--draft-backend ort), not {name}")
+
+
+def _drafter(args, backend):
+    """The drafter --speculative asks for (None without it; flags already checked)."""
+    from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
+
     if args.speculative is None:
         return None
     if args.speculative == "ngram":
         from slm_export.runtime.ngram_table import NgramTable
 
         return NgramDrafter(table=None if args.ngram_data is None else NgramTable.from_data(args.ngram_data))
-    if args.draft_model is None:
-        raise SlmError("--speculative draft needs --draft-model CHECKPOINT_OR_EXPORT")
     name = args.draft_backend or args.backend
-    if args.draft_variant != "fp32" and name != "ort":
-        raise SlmError(f"--draft-variant {args.draft_variant} needs an ort draft "
-                       f"(--draft-backend ort), not {name}")
     vocab = None
     if args.draft_vocab is not None:
         from slm_export.runtime.draft_vocab import frequent_tokens

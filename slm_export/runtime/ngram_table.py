@@ -1,17 +1,18 @@
 """N-gram counts of a prepared data folder: drafts for prompt lookup where the row's own text
 has no repeat to copy (what llama.cpp calls a static lookup cache).
 
-A row's own history predicts little of a 200-token story: of the bench model's continuations
-only ~1.4 tokens per step could be drafted from it, however the match was chosen
-(bench/RESULTS.md). The text a model was trained on predicts much more of what it writes.
-``NgramTable`` counts, for every 1- to 3-token context of the train split, which token
-follows; a draft extends the row's last tokens one guess at a time with the longest context
-it knows, and stops where that context's most frequent follower has less than ``min_share``
-of its count. The target verifies every guess, so the table changes the speed, never the
-output.
+A row's own history predicts little of a 200-token story: prompt lookup drafted ~1.4 tokens
+per step on the bench model's continuations whatever the match length or draft count
+(``bench/ngram_drafts.py``; an oracle knowing the answer ~2.1). The text a model was
+trained on predicts much more of what it writes. ``NgramTable`` counts, for every 1- to
+3-token context of the train split, which token follows; a draft extends the row's last
+tokens one guess at a time with the longest context it knows, and stops where that
+context's most frequent follower has less than ``min_share`` of its count. The target
+verifies every guess, so the table changes the speed, never the output.
 
-Entries are packed in one sorted uint64 array (16 bits per token, the context length above
-them) and looked up with a binary search: a few megabytes for millions of tokens.
+The contexts are keys packed in one sorted uint64 array (16 bits per token, the context
+length above them), looked up with a binary search; followers and shares are arrays beside
+it: a few megabytes for millions of tokens.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ MAX_TOKENS = 1 << 24  # of the train split counted: ~3 s and ~0.5 GB here, a 10 
 
 def _pack(windows: list[np.ndarray]) -> np.ndarray:
     """Token columns (uint64) -> one uint64 per row, the first column in the highest bits."""
-    packed = np.zeros_like(windows[0])
-    for column in windows:
-        packed = (packed << np.uint64(16)) | column
+    packed = windows[0].copy()
+    for column in windows[1:]:
+        packed <<= np.uint64(16)
+        packed |= column
     return packed
 
 
@@ -39,7 +41,7 @@ def _pack_ints(tokens: list[int]) -> int:
     """``_pack`` of one row of Python ints."""
     packed = 0
     for t in tokens:
-        packed = packed << 16 | t
+        packed = packed << 16 | int(t)  # a numpy uint16 would keep 16 bits
     return packed
 
 
