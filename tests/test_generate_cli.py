@@ -118,6 +118,9 @@ def test_speculative_flags_keep_the_greedy_text(monkeypatch, tmp_path, trained_c
     proc = _cli(["--model", tiny_ckpt, "--speculative", "draft", "--max-new-tokens", "2"])
     assert proc.returncode == 2 and "needs --draft-model" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # Flags that disagree are reported before any model is read (this one does not exist).
+    proc = _cli(["--model", str(tmp_path / "missing.pt"), "--ngram-data", str(trained_data)])
+    assert proc.returncode == 2 and "needs --speculative ngram" in proc.stderr, proc.stderr
     for extra, says in (
             (["--speculative", "ngram", "--draft-vocab", str(trained_data)], "needs --speculative draft"),
             (["--ngram-data", str(trained_data)], "needs --speculative ngram"),
