@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from slm_export.artifacts.loaders import load_aoti
 from slm_export.artifacts.manifest import Manifest
 from slm_export.errors import SlmError
 from slm_export.export.aoti import compiler_problem
+from slm_export.inductor_cpu import cpp_gemm_available
 from slm_export.runtime import GREEDY, StaleStateError, generate, load_backend
 from slm_export.runtime.speculative import NgramDrafter
 from slm_export.tokenizer import EOT_ID, encode
@@ -85,6 +87,15 @@ def test_package_is_verified_and_carries_its_metadata(aoti_export, trained_ckpt)
     assert (meta["format"], meta["kind"], meta["tokenizer"]) == ("slm-export-export", "aoti_kv", "gpt2")
     assert json.loads(meta["model_config"]) == m.config.to_dict()
     assert meta["AOTI_DEVICE_KEY"] == "cpu" and "torch" in meta["versions"]
+
+
+@pytest.mark.skipif(not cpp_gemm_available(), reason="inductor has no vector ISA on this CPU")
+def test_package_multiplies_with_inductors_cpp_gemm_template(aoti_export):
+    """On the CPU the package is compiled with inductor's C++ GEMM template (its decode steps
+    multiply a few rows, where MKL's packed GEMM is slow: bench/RESULTS.md)."""
+    with zipfile.ZipFile(aoti_export / "model_kv.pt2") as package:
+        kernels = [package.read(n).decode() for n in package.namelist() if n.endswith(".kernel.cpp")]
+    assert kernels and any("micro_gemm" in k for k in kernels)
 
 
 def test_greedy_parity_with_eager_ragged_batch_across_rebases(reference, aoti):

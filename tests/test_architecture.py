@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "slm_export"
 RANKS = {
     "errors": 0,
     "config": 1,
-    "devices": 2, "model": 2, "tokenizer": 2, "stories": 2, "optim": 2, "artifacts": 2,
+    "devices": 2, "inductor_cpu": 2, "model": 2, "tokenizer": 2, "stories": 2, "optim": 2, "artifacts": 2,
     "loss": 3,
     "checkpoint": 3,
     "data": 4,

@@ -13,6 +13,7 @@ import torch
 
 from slm_export.artifacts import kv_layout
 from slm_export.errors import SlmError
+from slm_export.inductor_cpu import cpp_gemm_available
 from slm_export.model import positions_from_mask
 from slm_export.runtime import (
     GREEDY,
@@ -294,6 +295,32 @@ def test_compiled_serves_more_batch_sizes_than_dynamos_default_limit():
             out = generate(backend, prompts[:rows], max_new_tokens=3, sampling=GREEDY, stop_id=None)
             want = generate(eager, prompts[:rows], max_new_tokens=3, sampling=GREEDY, stop_id=None)
             assert out.tokens == want.tokens
+
+
+@pytest.mark.skipif(not cpp_gemm_available(), reason="inductor has no vector ISA on this CPU")
+def test_compiled_multiplies_a_few_rows_with_inductors_cpp_gemm_template():
+    """On the CPU the decode and score graphs (a few rows per matmul) compile with inductor's
+    C++ GEMM template, MKL's packed GEMM being slow there (bench/RESULTS.md); the prefill graph
+    keeps the default (a compile less). Each new model compiles graphs of its own. Called
+    outside inference mode on purpose: a graph with autograd has no frozen weights, which the
+    template needs (the backend runs its calls in inference mode; without, this compile fails)."""
+    from torch._dynamo.utils import counters
+
+    from slm_export.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    backend, eager = backend_for_model("compiled", model), backend_for_model("eager", model)
+    counters.clear()
+    _, state = backend.prefill(torch.tensor([[1, 2, 3]]), None)
+    assert counters["inductor"]["cpp_templated_kernel_counter"] == 0
+    _, state = backend.decode(torch.tensor([4]), state)
+    after_decode = counters["inductor"]["cpp_templated_kernel_counter"]
+    assert after_decode > 0
+    logits, _ = backend.score(torch.tensor([[5, 6]]), state)
+    assert counters["inductor"]["cpp_templated_kernel_counter"] > after_decode
+    _, want = eager.decode(torch.tensor([4]), eager.prefill(torch.tensor([[1, 2, 3]]), None)[1])
+    torch.testing.assert_close(logits, eager.score(torch.tensor([[5, 6]]), want)[0],
+                               atol=1e-4, rtol=1e-4)
 
 
 # -- the loop: ragged batches, overflow, cropping, stop token ---------------------------------

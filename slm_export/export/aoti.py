@@ -20,7 +20,10 @@ copy of the weights for a graph no runtime here serves; ``model.ts`` / ``model.o
 all-position logits.
 
 A package is compiled for the device it is exported on (``build(..., device=)``), for that
-CPU's vector ISA, and against this torch's libtorch: it runs there, not elsewhere. Metadata
+CPU's vector ISA, and against this torch's libtorch: it runs there, not elsewhere. On the CPU it
+is compiled with ``inductor_cpu.cpu_options``: inductor's C++ GEMM template, whose kernels are
+partitioned for the export's torch thread count, and which stores the weights in its blocked
+layout beside the originals (the package is about twice the weights' size). Metadata
 (model config, tokenizer, format, versions) is compiled into the package
 (``get_metadata()`` in Python and C++) and recorded in the manifest with the file's SHA-256.
 """
@@ -39,11 +42,9 @@ from slm_export.artifacts.files import atomic_write
 from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
 from slm_export.export.signatures import StaticKVModule, static_kv_inputs
+from slm_export.inductor_cpu import cpu_options
 
 FILE = "model_kv.pt2"
-# CPU: "freezing" folds the weights into the graph as constants, which lets inductor pre-pack
-# them for its matmul kernels (as the compiled backend does; bench/RESULTS.md has the effect).
-CPU_OPTIONS = {"freezing": True}
 
 
 def compiler_problem() -> str | None:
@@ -96,7 +97,7 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
     if device.type != "cpu":
         model = copy.deepcopy(model).to(device)
     options = {"aot_inductor.metadata": provenance.file_metadata("aoti_kv"),
-               **(CPU_OPTIONS if device.type == "cpu" else {})}
+               **(cpu_options(few_rows=True) if device.type == "cpu" else {})}
     try:
         with _quiet():
             program = export_program(model, device)

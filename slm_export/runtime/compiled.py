@@ -9,7 +9,10 @@ Two compiled entry points, each its own function so their compiled graphs are ca
   ``mode="reduce-overhead"`` (CUDA graphs) — CUDA-only, not exercised in CI
   (tests/test_runtime.py::test_cuda_greedy_parity covers it on a GPU).
 A mask is always passed (ones when nothing is padded) so padded and unpadded batches share
-the same graphs. A one-token prompt goes through the decode graph (same shapes).
+the same graphs. A one-token prompt goes through the decode graph (same shapes). Every call
+runs in inference mode, whatever the caller's grad mode: inductor freezes the weights of an
+inference graph only, and on the CPU the decode and score graphs need frozen weights
+(``inductor_cpu.py``).
 
 The static cache of a batch size is shared by every generation of that size (a compiled
 graph is specialised to its buffers), so this backend serves one live generation per batch
@@ -24,6 +27,7 @@ import torch
 import torch._dynamo.config
 import torch._inductor.config
 
+from slm_export.inductor_cpu import cpu_options
 from slm_export.model import GPT
 from slm_export.runtime.base import State, StaticSlots, check_rewind
 
@@ -65,26 +69,26 @@ class CompiledBackend:
                                   self.config.block_size, self.device)
 
     @contextlib.contextmanager
-    def _compiling(self):
+    def _compiling(self, few_rows: bool):
         """The settings every call that may (re)compile runs under.
 
         - dynamo keeps its compiled graphs per code object, shared by every backend in the
           process, and recompiles per batch size (and per model): its default limit of 8
           graphs per function would make the ninth a hard error under ``fullgraph=True``.
-        - on CPU, inductor "freezing" folds the inference-only weights into the graph as
-          constants and pre-packs them for the matmul kernels (+20-45% decode tokens/s on
-          the 30m model, bench/RESULTS.md).
+        - on CPU, ``inductor_cpu.cpu_options``: "freezing" (the weights pre-packed for the
+          matmul kernels: +20-45% decode tokens/s on the 30m model), and for the graphs of a
+          few rows (decode, score) inductor's C++ GEMM template instead of MKL's (bench/RESULTS.md).
         """
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch._dynamo.config.patch({_RECOMPILE_LIMIT: RECOMPILE_LIMIT}))
             if self._freeze:
-                stack.enter_context(torch._inductor.config.patch(freezing=True))
+                stack.enter_context(torch._inductor.config.patch(cpu_options(few_rows)))
             yield
 
     def _run(self, rows: torch.Tensor, start: int, caches, mask) -> torch.Tensor:
         """Write ``rows`` (B, K) at positions start.. into ``caches`` -> last logits."""
         K = rows.size(1)
-        with self._compiling():
+        with self._compiling(few_rows=K == 1):
             if K == 1:
                 self._pos1.fill_(start)
                 return self._decode(self.model, rows, self._pos1, caches, mask)
@@ -93,23 +97,26 @@ class CompiledBackend:
             torch._dynamo.maybe_mark_dynamic(input_pos, 0)
             return self._prefill(self.model, rows, input_pos, caches, mask)
 
+    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         slot = self._slots.claim(ids, attention_mask)
         # Stale slots beyond T need no reset: the causal mask hides them until overwritten.
         logits = self._run(ids, 0, slot.caches, slot.mask)
         return logits.float(), State(ids.size(1), slot)
 
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, state: State):
         rows = self._slots.live(tokens, state)
         logits = self._run(rows, state.length, state.cache.caches, state.cache.mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
+    @torch.inference_mode()
     def score(self, tokens: torch.Tensor, state: State):
         rows = self._slots.live(tokens, state)
         input_pos = self._positions[state.length:state.length + rows.size(1)]
         torch._dynamo.maybe_mark_dynamic(rows, 1)
         torch._dynamo.maybe_mark_dynamic(input_pos, 0)
-        with self._compiling():
+        with self._compiling(few_rows=True):
             logits = self._score(self.model, rows, input_pos, state.cache.caches, state.cache.mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
