@@ -147,6 +147,9 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
             _row("ort", 500.0, variant="int4", new_tokens=124,
                  extra={"parity": "top-1 agreement 0.912"}),
             _row("llama.cpp", 250.0, variant="f32", new_tokens=124),
+            _row("llama.cpp", 900.0, variant="f32", batch=8, new_tokens=124),
+            _row("aoti", 350.0, new_tokens=124),
+            _row("aoti", 999.0, variant="fp16", new_tokens=124),
             _row("ctranslate2", 600.0, variant="int8", new_tokens=124)]
     doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
     got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]
@@ -161,3 +164,6 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
     assert got["ort fp32, batch 1: >= 1x llama.cpp f32 (same run)"] == ["1.20x", "yes"]
     assert got["ort int8, batch 1: >= 1x CTranslate2 int8 (same run)"] == ["not measured", "-"]
     assert got["ort int8, batch 1: >= 1x llama.cpp q8_0 (same run)"] == ["not measured", "-"]
+    # our fastest fp32 batch-1 row, whichever backend: not another engine, variant or batch
+    assert got["fastest of ours at fp32, batch 1 (aoti): >= 1x llama.cpp f32 (same run)"] == [
+        "1.40x", "yes"]
