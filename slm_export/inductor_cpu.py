@@ -1,16 +1,18 @@
 """The inductor settings on the CPU that the ``compiled`` backend and the AOTInductor export share.
 
 - ``freezing``: the inference-only weights are folded into the graph as constants, which lets
-  inductor pre-pack them for its matmul kernels.
+  inductor pre-pack them for its matmul kernels. Inductor freezes a graph compiled with grad
+  off only: the callers compile under ``torch.no_grad()``.
 - Inductor's own C++ GEMM template (``max_autotune`` with the ``CPP`` backend only) for graphs
-  that multiply a few rows at a time (a decode step, a speculative verify step): MKL's packed
-  GEMM, inductor's default for a frozen linear, is slow at 2-8 rows on this shape (the 30m
-  lm_head: 12.9 ms at 8 rows against 4.5 ms with the template, 2 threads; bench/RESULTS.md has
-  the effect on the backends). With one backend listed there is nothing to benchmark: the
-  template is chosen, at the cost of compiling its kernels (+6 s a graph on the 30m model).
-  Its kernels are partitioned for the torch thread count at compile time (correct with other
-  counts, fastest with that one). It exists where inductor vectorizes (AVX2, AVX-512, NEON):
-  elsewhere the settings leave it out rather than ask inductor for a template it cannot build.
+  that multiply a few rows at a time (a decode step, a speculative verify step), instead of
+  inductor's default (MKL's packed GEMM for a frozen linear with a fixed row count, oneDNN's
+  for a dynamic one). MKL is slow at 2-8 rows on this shape (the 30m lm_head: 12.9 ms at 8
+  rows against 4.5 ms with the template, 2 threads; bench/RESULTS.md has the effect on the
+  backends). With one backend listed there is nothing to benchmark: the template is chosen,
+  at the cost of compiling its kernels (30m: +8 s for the decode graph, +18 s for the score
+  graph). Its kernels split their work for the torch thread count at compile time: right with
+  any count at run time, at most that many threads working. It needs a vector ISA (AVX2,
+  AVX-512, NEON) to be fast: without one the settings leave it out.
 """
 
 from __future__ import annotations

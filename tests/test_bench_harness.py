@@ -150,6 +150,7 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
             _row("llama.cpp", 900.0, variant="f32", batch=8, new_tokens=124),
             _row("aoti", 350.0, new_tokens=124),
             _row("aoti", 999.0, variant="fp16", new_tokens=124),
+            _row("ctranslate2", 999.0, variant="fp32", new_tokens=124),  # an engine, not ours
             _row("ctranslate2", 600.0, variant="int8", new_tokens=124)]
     doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
     got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]

@@ -301,9 +301,9 @@ def test_compiled_serves_more_batch_sizes_than_dynamos_default_limit():
 def test_compiled_multiplies_a_few_rows_with_inductors_cpp_gemm_template():
     """On the CPU the decode and score graphs (a few rows per matmul) compile with inductor's
     C++ GEMM template, MKL's packed GEMM being slow there (bench/RESULTS.md); the prefill graph
-    keeps the default (a compile less). Each new model compiles graphs of its own. Called
-    outside inference mode on purpose: a graph with autograd has no frozen weights, which the
-    template needs (the backend runs its calls in inference mode; without, this compile fails)."""
+    keeps the default (a compile less). Each new model compiles graphs of its own. Called with
+    grad on on purpose: a graph with autograd has no frozen weights, which the template needs
+    (the backend runs its calls under ``no_grad``; without, this compile fails)."""
     from torch._dynamo.utils import counters
 
     from slm_export.model import GPT, GPTConfig

@@ -98,8 +98,8 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
         model = copy.deepcopy(model).to(device)
     options = {"aot_inductor.metadata": provenance.file_metadata("aoti_kv"),
                **(cpu_options(few_rows=True) if device.type == "cpu" else {})}
-    try:
-        with _quiet():
+    try:  # grad off: inductor freezes (folds and pre-packs) the weights of such a graph only
+        with _quiet(), torch.no_grad():
             program = export_program(model, device)
             atomic_write(Path(folder) / FILE, lambda f: aoti_compile_and_package(
                 program, package_path=f, inductor_configs=options))

@@ -10,8 +10,8 @@ Two compiled entry points, each its own function so their compiled graphs are ca
   (tests/test_runtime.py::test_cuda_greedy_parity covers it on a GPU).
 A mask is always passed (ones when nothing is padded) so padded and unpadded batches share
 the same graphs. A one-token prompt goes through the decode graph (same shapes). Every call
-runs in inference mode, whatever the caller's grad mode: inductor freezes the weights of an
-inference graph only, and on the CPU the decode and score graphs need frozen weights
+runs with grad off, whatever the caller's grad mode: inductor freezes the weights of a graph
+without autograd only, and on the CPU the decode and score graphs need frozen weights
 (``inductor_cpu.py``).
 
 The static cache of a batch size is shared by every generation of that size (a compiled
@@ -62,7 +62,7 @@ class CompiledBackend:
         self._prefill = torch.compile(_prefill_step, fullgraph=True)
         self._decode = torch.compile(_decode_step, fullgraph=True, mode=mode)
         self._score = torch.compile(_score_step, fullgraph=True)  # compiled at its first use
-        self._freeze = self.device.type != "cuda"
+        self._freeze = self.device.type == "cpu"
         self._positions = torch.arange(self.config.block_size, device=self.device)
         self._pos1 = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slots = StaticSlots(lambda B: model.new_static_caches(B, self.config.block_size),
@@ -97,20 +97,20 @@ class CompiledBackend:
             torch._dynamo.maybe_mark_dynamic(input_pos, 0)
             return self._prefill(self.model, rows, input_pos, caches, mask)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         slot = self._slots.claim(ids, attention_mask)
         # Stale slots beyond T need no reset: the causal mask hides them until overwritten.
         logits = self._run(ids, 0, slot.caches, slot.mask)
         return logits.float(), State(ids.size(1), slot)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor, state: State):
         rows = self._slots.live(tokens, state)
         logits = self._run(rows, state.length, state.cache.caches, state.cache.mask)
         return logits.float(), State(state.length + rows.size(1), state.cache)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, tokens: torch.Tensor, state: State):
         rows = self._slots.live(tokens, state)
         input_pos = self._positions[state.length:state.length + rows.size(1)]
