@@ -21,9 +21,10 @@ all-position logits.
 
 A package is compiled for the device it is exported on (``build(..., device=)``), for that
 CPU's vector ISA, and against this torch's libtorch: it runs there, not elsewhere. On the CPU it
-is compiled with ``inductor_cpu.cpu_options``: inductor's C++ GEMM template, whose kernels are
-partitioned for the export's torch thread count, and which stores the weights in its blocked
-layout beside the originals (the package is about twice the weights' size). Metadata
+is compiled with ``inductor_cpu.cpu_options``: frozen weights and inductor's C++ GEMM template,
+whose kernels split their work for the export's torch thread count and which stores the Linear
+weights in its blocked layout; the tied embedding's matrix is kept as it is too (the package is
+~1.7x the weights' size). Metadata
 (model config, tokenizer, format, versions) is compiled into the package
 (``get_metadata()`` in Python and C++) and recorded in the manifest with the file's SHA-256.
 """
