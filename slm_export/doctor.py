@@ -75,17 +75,23 @@ def _nvidia_packages() -> list[str]:
                   if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
 
 
-def _export_smoke_model(folder: Path):
-    """The smoke model, exported to ONNX, TorchScript and (where a C++ compiler is found)
-    an AOTInductor package for the CPU."""
+EXPORT_FORMAT = {"torchscript": "torchscript", "ort": "onnx", "aoti": "aoti"}  # backend -> file
+
+
+def _export_smoke_model(folder: Path, backends: Sequence[str]):
+    """The smoke model, exported to the formats ``backends`` read (ONNX, TorchScript, an
+    AOTInductor package for the CPU where a C++ compiler is found): nothing else is built."""
     from slm_export.export import build
     from slm_export.export.aoti import compiler_problem
     from slm_export.model import GPT
 
     torch.manual_seed(0)
     model = GPT(SMOKE_CONFIG).eval()
-    aoti = () if compiler_problem() else ("aoti",)
-    build(model, folder / "export", formats=("onnx", "torchscript", *aoti), verify=False)
+    formats = [EXPORT_FORMAT[b] for b in backends if b in EXPORT_FORMAT]
+    if compiler_problem():
+        formats = [f for f in formats if f != "aoti"]
+    if formats:
+        build(model, folder / "export", formats=formats, verify=False)
     return model
 
 
@@ -107,12 +113,13 @@ def smoke_runs(devices: list[str], backends: Sequence[str] | None = None) -> lis
     from slm_export.runtime import BACKENDS, GREEDY, backend_for_model, generate, load_backend
 
     kw = dict(max_new_tokens=SMOKE_TOKENS, sampling=GREEDY, stop_id=None)
+    backends = backends or BACKENDS
     with tempfile.TemporaryDirectory(prefix="slm-doctor-") as tmp:
-        model = _export_smoke_model(Path(tmp))
+        model = _export_smoke_model(Path(tmp), backends)
         want = generate(backend_for_model("eager", model), SMOKE_PROMPTS, **kw).tokens
         results = []
         for device in devices:
-            for name in backends or BACKENDS:
+            for name in backends:
                 start = time.perf_counter()
                 if name == "aoti" and (problem := compiler_problem()):
                     results.append(Smoke(name, device, "SKIP", problem, 0.0))

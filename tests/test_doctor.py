@@ -45,7 +45,11 @@ def test_doctor_reports_a_failing_backend(monkeypatch, tmp_path):
         logits, state = real(self, tokens, state)
         return logits.roll(1, dims=-1), state
 
+    def no_export(*args, **kwargs):
+        raise AssertionError("naive reads no exported file: the doctor should export nothing")
+
     monkeypatch.setattr(eager.EagerBackend, "decode", off_by_one)
+    monkeypatch.setattr("slm_export.export.build", no_export)
     out = tmp_path / "doctor.json"
     assert doctor.main(["--backends", "naive", "--json", str(out)]) == 1
     # eager is also the reference, so the reference changes too: compare with another backend
