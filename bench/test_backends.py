@@ -86,10 +86,11 @@ def check_first_round(bench, case, prompts, tokens) -> dict:
     return {"parity": f"top-1 agreement {agree:.3f}"}
 
 
-def _measure(benchmark, bench, case, call):
+def _measure(benchmark, bench, case, call, before_each=None):
     """One untimed call (-> first_call_s, and compile_s from torch.compile's own timers), a
     second one where it compiled (a re-prefill may specialise once more), then min_rounds
-    timed calls, fewer only where they would pass the row's time cap.
+    timed calls, fewer only where they would pass the row's time cap. ``before_each`` runs
+    before every timed call, outside its timing (pytest-benchmark's setup).
     -> (first output, [(output, seconds)], compile_s or None, extras, peak MB)."""
     bench.mem.reset()
     compiled_before = _compile_seconds()
@@ -110,7 +111,7 @@ def _measure(benchmark, bench, case, call):
         bm.sync(bench.device)
         outs.append((out, time.perf_counter() - t0))
 
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(timed, setup=before_each, rounds=rounds, iterations=1, warmup_rounds=0)
     if bench.device.type == "cuda":
         # Device memory in use now, above what it was before the backend was loaded: ORT's
         # arena and torch's caching allocator both keep their high-water mark reserved, and
@@ -176,8 +177,9 @@ def test_decode(benchmark, bench, case, batch, new_tokens):
 
 @pytest.mark.parametrize("drafter", ["ngram", "ngram+data", "draft"])
 def test_speculative(benchmark, bench, case, drafter):
-    """Batch 1, 200 greedy tokens with speculation: tokens/s beside the plain row, acceptance
-    rate and mean tokens per verify step; the tokens must be the plain greedy ones."""
+    """Batch 1, 200 greedy tokens with speculation: tokens/s, the gain over plain greedy from
+    paired rounds (a plain generation runs just before each timed one), acceptance rate and
+    mean tokens per verify step; the tokens must be the plain greedy ones."""
     if bench.quick:
         pytest.skip("--bench-quick leaves speculative decoding out")
     if case.backend_name == "naive":
@@ -198,7 +200,19 @@ def test_speculative(benchmark, bench, case, drafter):
         made = ModelDrafter(draft_backend) if drafter == "draft" else NgramDrafter(table=table)
         return run_stream(case.backend, [PROMPT], 200, made, DRAFT_TOKENS[drafter])
 
-    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call)
+    plain = []  # seconds of the plain generation run just before each timed round
+
+    def plain_round():
+        start = time.perf_counter()
+        run_stream(case.backend, [PROMPT], 200)
+        bm.sync(bench.device)
+        plain.append(time.perf_counter() - start)
+
+    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, plain_round)
+    # The gain from rounds taken side by side: the plain row of this backend was measured
+    # minutes earlier, when the machine may have run faster or slower.
+    extra["paired_speedup"] = round(statistics.median(
+        p / seconds for p, (_, seconds) in zip(plain, outs, strict=True)), 3)
     extra.update(check_first_round(bench, case, [PROMPT], gen.tokens))
     s = gen.stats
     if drafter == "draft":

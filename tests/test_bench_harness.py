@@ -113,6 +113,9 @@ def test_summary_puts_each_backend_on_one_row(tmp_path):
             _row("ort", 90.0),  # the plain batch-1 / 200-token row speculation is compared with
             _row("ort", 180.0, scenario="speculative", extra={"drafter": "ngram"}),
             _row("ort", 270.0, scenario="speculative", extra={"drafter": "ngram+data"}),
+            # paired rounds: the gain measured beside its own plain runs wins over the rows'
+            _row("ort", 150.0, scenario="speculative", extra={"drafter": "draft",
+                                                              "paired_speedup": 1.5}),
             _row("eager", 50.0, new_tokens=124, peak_mem_mb=99.0)]
     doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
     table = bm.summary_table(doc).splitlines()
@@ -120,7 +123,7 @@ def test_summary_puts_each_backend_on_one_row(tmp_path):
     ort = next(line for line in table if line.startswith("| ort "))
     assert [c.strip() for c in ort.split("|")[1:-1]] == [
         "ort", "fp32", "9.5", "0.25", "100.0", "400.0", "-", "4.00x", "180.0 (2.00x)",
-        "270.0 (3.00x)", "-", "-", "12"]
+        "270.0 (3.00x)", "150.0 (1.50x)", "-", "12"]
 
 
 @pytest.mark.parametrize("page", ["bench/RESULTS.md", "README.md"])
@@ -144,6 +147,8 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
             _row("eager", 200.0, new_tokens=124),
             _row("ort", 280.0, roofline_pct=89.0),
             _row("ort", 560.0, scenario="speculative", roofline_pct=180.0, extra={"drafter": "ngram"}),
+            _row("ort", 340.0, scenario="speculative", roofline_pct=110.0,
+                 extra={"drafter": "draft", "paired_speedup": 1.45}),
             _row("ort", 500.0, variant="int4", new_tokens=124,
                  extra={"parity": "top-1 agreement 0.912"}),
             _row("llama.cpp", 250.0, variant="f32", new_tokens=124),
@@ -162,6 +167,8 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
     assert got["ort int4: top-1 agreement with fp32 >= 0.95"] == ["0.912", "no"]
     assert got["ort + ngram speculation: >= 1.5x its plain greedy"] == [
         "2.00x (560 tok/s, 180% of the roofline)", "yes"]
+    assert got["ort + draft speculation: >= 1.5x its plain greedy"] == [  # 340 / 280 unpaired
+        "1.45x (340 tok/s, 110% of the roofline)", "no"]
     assert got["ort fp32, batch 1: >= 1x llama.cpp f32 (same run)"] == ["1.20x", "yes"]
     assert got["ort int8, batch 1: >= 1x CTranslate2 int8 (same run)"] == ["not measured", "-"]
     assert got["ort int8, batch 1: >= 1x llama.cpp q8_0 (same run)"] == ["not measured", "-"]
