@@ -3,7 +3,10 @@ and llama.cpp (f32 and q8_0), each converted from the export's ``hf/`` folder wi
 converter, timed on the scenario
 ``test_backends.test_decode[b1-124tok]`` times (a 4-token prompt, 124 greedy tokens: the
 128 positions GPT-2's converters allow), beside our rows in the same run and table.
-A 32-bit engine's tokens must equal eager's before it is timed.
+A 32-bit engine's tokens must equal eager's before it is timed. Each of its timed rounds
+follows one of our ort backend at the same precision (fp32, or int8 against an 8-bit
+engine), timed beside it: the row's ``ort_paired_ratio`` is the median of ort's speed over
+the engine's, round by round (this machine drifts more between rows than within a round).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from slm_export import benchmark as bm
+from slm_export.runtime import GREEDY, generate, load_backend
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time"
 NEW_TOKENS = 124
@@ -100,14 +104,26 @@ def _time_engine(benchmark, bench, call, engine: str, variant: str, bits: int, v
     want = bench.reference([PROMPT], NEW_TOKENS)[0]
     if bits == 32:
         assert first == want, f"{engine} {variant} gives other greedy tokens than eager"
-    times = []
+    ours_variant = "int8" if bits == 8 else "fp32"
+    ours = load_backend("ort", bench.model_dir, bench.device, variant=ours_variant,
+                        threads=bench.threads)
+    times, ours_times = [], []
+
+    def ours_round():
+        t0 = time.perf_counter()
+        generate(ours, [PROMPT], max_new_tokens=NEW_TOKENS, sampling=GREEDY, stop_id=None)
+        ours_times.append(time.perf_counter() - t0)
 
     def timed():
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
 
-    benchmark.pedantic(timed, rounds=bench.min_rounds, iterations=1, warmup_rounds=0)
+    ours_round()  # warm-up
+    ours_times.clear()
+    benchmark.pedantic(timed, setup=ours_round, rounds=bench.min_rounds, iterations=1,
+                       warmup_rounds=0)
+    paired = statistics.median(t / o for t, o in zip(times, ours_times, strict=True))
     tps = [NEW_TOKENS / t for t in times]
     median = NEW_TOKENS / statistics.median(times)
     ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config, 1,
@@ -119,7 +135,8 @@ def _time_engine(benchmark, bench, call, engine: str, variant: str, bits: int, v
                     rounds=len(times),
                     extra={"tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
                            "parity": f"{same:.0%} of eager's greedy tokens", "threads": bench.threads,
-                           "engine": version})
+                           "engine": version, "ort_paired_variant": ours_variant,
+                           "ort_paired_ratio": round(paired, 3)})
     bench.results.append(row)
     benchmark.extra_info.update(row.to_json())
 
