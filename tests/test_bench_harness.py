@@ -177,3 +177,21 @@ def test_targets_say_met_or_not_from_the_rows(tmp_path):
     # our fastest fp32 batch-1 row, whichever backend: not another engine, variant or batch
     assert got["fastest of ours at fp32, batch 1 (aoti): >= 1x llama.cpp f32 (same run)"] == [
         "1.40x", "yes"]
+
+
+def test_ort_against_an_engine_takes_the_paired_rounds(tmp_path):
+    """An engine row timed round by round beside ort (bench/test_engines.py) carries ort's
+    paired ratio: it wins over the two rows' medians, for the fastest-of-ours target too."""
+    rows = [_row("ort", 180.0, new_tokens=124),  # a slow row: 0.75x from the medians
+            _row("eager", 100.0, new_tokens=124),
+            _row("llama.cpp", 240.0, variant="f32", new_tokens=124,
+                 extra={"ort_paired_variant": "fp32", "ort_paired_ratio": 1.04}),
+            _row("llama.cpp", 500.0, variant="q8_0", new_tokens=124,  # paired with another
+                 extra={"ort_paired_variant": "fp32", "ort_paired_ratio": 2.0})]
+    doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
+    got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]
+           for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
+    assert got["ort fp32, batch 1: >= 1x llama.cpp f32 (same run)"] == ["1.04x", "yes"]
+    assert got["fastest of ours at fp32, batch 1 (ort): >= 1x llama.cpp f32 (same run)"] == [
+        "1.04x", "yes"]
+    assert got["ort int8, batch 1: >= 1x llama.cpp q8_0 (same run)"] == ["not measured", "-"]
