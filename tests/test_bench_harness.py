@@ -195,3 +195,20 @@ def test_ort_against_an_engine_takes_the_paired_rounds(tmp_path):
     assert got["fastest of ours at fp32, batch 1 (ort): >= 1x llama.cpp f32 (same run)"] == [
         "1.04x", "yes"]
     assert got["ort int8, batch 1: >= 1x llama.cpp q8_0 (same run)"] == ["not measured", "-"]
+
+
+def test_a_batched_row_takes_its_paired_gain_over_batch_1(tmp_path):
+    """A batch-8 row whose rounds each followed a batch-1 generation (bench/test_backends.py)
+    carries that gain: it wins over the two rows' medians, in the summary and the targets."""
+    rows = [_row("ort", 100.0, new_tokens=124),
+            _row("ort", 500.0, batch=8, new_tokens=124, extra={"paired_vs_batch1": 3.5}),
+            _row("compiled", 100.0, new_tokens=124),
+            _row("compiled", 350.0, batch=8, new_tokens=124)]  # an older file: no pairs
+    doc = json.loads(bm.write_results(tmp_path / "r.json", bm.machine_info(1), rows).read_text())
+    got = {cells[0]: cells[1:] for line in bm.targets_table(doc).splitlines()[2:]
+           for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
+    assert got["ort fp32: batch 8 >= 4.0x its batch-1 tokens/s"] == ["3.50x", "no"]
+    assert got["compiled fp32: batch 8 >= 3.0x its batch-1 tokens/s"] == ["3.50x", "yes"]
+    summary = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+               for line in bm.summary_table(doc).splitlines()[2:]}
+    assert summary["ort"][7] == "3.50x" and summary["compiled"][7] == "3.50x"
