@@ -123,6 +123,13 @@ def _measure(benchmark, bench, case, call, before_each=None):
         {"first_call_s": round(first_s, 3)}, peak
 
 
+def _paired(before: list[float], outs: list, scale: float = 1.0) -> float:
+    """Median over rounds of ``scale`` x (seconds of the generation run just before a timed
+    round, by ``_measure``'s ``before_each``) / (the round's seconds): a speed ratio."""
+    return round(statistics.median(
+        scale * b / seconds for b, (_, seconds) in zip(before, outs, strict=True)), 3)
+
+
 def _record(benchmark, bench, case, **fields) -> bm.Result:
     extra = fields.pop("extra", {})
     row = bm.Result(backend=case.backend_name, variant=case.variant, device=bench.device.type,
@@ -183,8 +190,7 @@ def test_decode(benchmark, bench, case, batch, new_tokens):
     (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call,
                                                       single if batch > 1 else None)
     if singles:  # the batch's gain over batch 1 from rounds side by side (see test_speculative)
-        extra["paired_vs_batch1"] = round(statistics.median(
-            batch * one / seconds for one, (_, seconds) in zip(singles, outs, strict=True)), 3)
+        extra["paired_vs_batch1"] = _paired(singles, outs, batch)
     extra.update(check_first_round(bench, case, prompts, gen.tokens))
     _record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,
             **_throughput_fields(bench, case, batch, new_tokens, outs, extra))
@@ -223,11 +229,12 @@ def test_speculative(benchmark, bench, case, drafter):
         bm.sync(bench.device)
         plain.append(time.perf_counter() - start)
 
+    plain_round()  # warm-up, as the row's own first call
+    plain.clear()
     (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, plain_round)
     # The gain from rounds taken side by side: the plain row of this backend was measured
     # minutes earlier, when the machine may have run faster or slower.
-    extra["paired_speedup"] = round(statistics.median(
-        p / seconds for p, (_, seconds) in zip(plain, outs, strict=True)), 3)
+    extra["paired_speedup"] = _paired(plain, outs)
     extra.update(check_first_round(bench, case, [PROMPT], gen.tokens))
     s = gen.stats
     if drafter == "draft":

@@ -24,7 +24,7 @@ from slm_export.runtime import GREEDY, generate, load_backend
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time"
 NEW_TOKENS = 124
-SETTLE_S = 0.2  # pause between ort's paired round and the engine's (see _time_engine)
+SETTLE_S = 0.2  # pause before and after ort's paired round (see _time_engine)
 
 
 @pytest.fixture(autouse=True)
@@ -100,13 +100,15 @@ def _hf_folder(bench) -> Path:
 
 def _time_engine(benchmark, bench, call, engine: str, variant: str, bits: int, version: str):
     """Time ``call`` (-> its NEW_TOKENS greedy tokens) and add the row. A 32-bit engine's tokens
-    must equal eager's; an 8-bit one's agreement with them is reported."""
+    must equal eager's; an 8-bit one's agreement with them is reported. Each timed round
+    follows one of ort's on the CPU at ``bits`` (fp32 or int8), timed beside it: the row's
+    ``ort_paired_ratio``."""
     first = call()
     want = bench.reference([PROMPT], NEW_TOKENS)[0]
     if bits == 32:
         assert first == want, f"{engine} {variant} gives other greedy tokens than eager"
     ours_variant = "int8" if bits == 8 else "fp32"
-    ours = load_backend("ort", bench.model_dir, bench.device, variant=ours_variant,
+    ours = load_backend("ort", bench.model_dir, "cpu", variant=ours_variant,  # as the engines
                         threads=bench.threads)
     times, ours_times = [], []
 

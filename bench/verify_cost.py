@@ -6,7 +6,10 @@ A verify step scores the pending token and K drafts in one forward pass (``Backe
 of 1 + K tokens). Speculation pays when the tokens a step keeps outweigh what the wider pass
 costs, so this times ``score`` of 1, 2, 3, 5 and 8 tokens per row at batch 1 after a 40-token
 prefix (the same state each call), all widths interleaved round by round, and prints the
-median milliseconds and each width's cost in decode steps (1 token) as a markdown table.
+median milliseconds and each width's cost in decode steps as a markdown table. A decode
+step is taken as ``score`` of 1 token: the same graph call for ort, torchscript and eager
+(``compiled`` has a decode graph of its own, so its 1-token column is its score graph's).
+CPU only, with torch's thread count (``--threads``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ PREFIX = 40
 WIDTHS = (1, 2, 3, 5, 8)
 
 
-def _load(model: Path, name: str):
+def _load(model: Path, name: str, threads: int):
     """"ort-int8" -> the ort backend on the int8 file; "eager", "aoti", ...: that backend."""
     backend, _, variant = name.partition("-")
-    return load_backend(backend, model, "cpu", variant=variant or "fp32")
+    return load_backend(backend, model, "cpu", variant=variant or "fp32", threads=threads)
 
 
 @torch.no_grad()
@@ -65,8 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["ort", "ort-int8", "ort-int4"],
                         help="backend names, ort-<variant> for an ONNX variant")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
-    results = {name: costs(_load(args.model, name), args.rounds) for name in args.backends}
+    torch.set_num_threads(args.threads)
+    results = {name: costs(_load(args.model, name, args.threads), args.rounds)
+               for name in args.backends}
     print(table(results))
     return 0
 

@@ -75,7 +75,7 @@ def _nvidia_packages() -> list[str]:
                   if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
 
 
-EXPORT_FORMAT = {"torchscript": "torchscript", "ort": "onnx", "aoti": "aoti"}  # backend -> file
+EXPORT_FORMAT = {"torchscript": "torchscript", "ort": "onnx", "aoti": "aoti"}  # backend -> format it loads
 
 
 def _export_smoke_model(folder: Path, backends: Sequence[str]):

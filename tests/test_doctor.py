@@ -63,3 +63,24 @@ def test_doctor_refuses_an_unknown_backend(capsys):
     with pytest.raises(SystemExit) as exit_:
         doctor.main(["--backends", "eager,tensorrt"])
     assert exit_.value.code == 2 and "choose from eager" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backends,formats", [
+    (["ort"], ["onnx"]), (["torchscript", "eager"], ["torchscript"]), (["aoti"], ["aoti"]),
+    (["naive", "compiled"], None)])
+def test_doctor_exports_only_what_its_backends_read(monkeypatch, tmp_path, backends, formats):
+    """``--backends`` builds only the files those backends load (none for the torch ones), and
+    no aoti package where no C++ compiler is found."""
+    from slm_export import doctor
+    from slm_export.export import aoti
+
+    asked = []
+    monkeypatch.setattr("slm_export.export.build", lambda model, folder, formats, **kw:
+                        asked.append(list(formats)))
+    doctor._export_smoke_model(tmp_path, backends)
+    assert asked == ([] if formats is None else [formats])
+    monkeypatch.setattr(aoti, "compiler_problem", lambda: "no C++ compiler (test)")
+    asked.clear()
+    doctor._export_smoke_model(tmp_path, backends)
+    left = [f for f in formats or [] if f != "aoti"]
+    assert asked == ([left] if left else [])

@@ -297,6 +297,20 @@ def test_compiled_serves_more_batch_sizes_than_dynamos_default_limit():
             assert out.tokens == want.tokens
 
 
+def test_static_slots_hand_out_fresh_rows_for_a_view():
+    """What the compiled graphs are fed: standard strides at offset 0, whatever view came in
+    (``.contiguous()`` would return a (1, 1) view as it is: it counts as contiguous)."""
+    from slm_export.runtime.base import StaticSlots
+
+    slots = StaticSlots(lambda B: None, block_size=16, device=torch.device("cpu"))
+    for batch, width in ((1, 3), (2, 4)):
+        state = State(3, slots.claim(torch.zeros(batch, 3, dtype=torch.long), None))
+        view = torch.arange(batch * width).view(batch, width)[:, -1]
+        rows = slots.live(view, state)
+        assert rows.tolist() == view.view(-1, 1).tolist()
+        assert rows.stride() == (1, 1) and rows.storage_offset() == 0
+
+
 def test_compiled_decodes_a_token_view_without_recompiling():
     """After a verify step the loop feeds the last column of its tokens (``tokens[:, -1]``: a
     view with a stride and an offset). dynamo guards on both: without a copy, each draft count

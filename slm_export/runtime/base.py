@@ -145,12 +145,14 @@ class StaticSlots:
     def live(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
         """``tokens`` as fresh contiguous (B, K) rows on the device, checked to fit the window
         and ``state`` to still own its cache. Fresh: a compiled graph guards on its inputs'
-        strides and storage offset, and the loop passes views (a verify step's last column)."""
+        strides and storage offset, and the loop passes views (a verify step's last column,
+        strides (K, K) at offset K - 1), which ``.contiguous()`` returns as they are (a
+        (1, 1) view counts as contiguous)."""
         rows = decode_rows(tokens, state, self.block_size)
         if self._owner.get(rows.size(0)) != state.cache.ticket:
             raise StaleStateError("this state's static cache was reused by a later prefill of "
                                   f"batch size {rows.size(0)} (one live generation per size)")
-        return rows.to(self.device).clone(memory_format=torch.contiguous_format)
+        return rows.to(self.device, copy=True, memory_format=torch.contiguous_format)
 
 
 def check_prefill(ids: torch.Tensor, block_size: int) -> None:
