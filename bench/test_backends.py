@@ -123,6 +123,23 @@ def _measure(benchmark, bench, case, call, before_each=None):
         {"first_call_s": round(first_s, 3)}, peak
 
 
+def _plain_rounds(bench, case, new_tokens: int):
+    """-> (a function that times one plain greedy batch-1 generation of ``new_tokens``, the
+    list it appends the seconds to): ``_measure``'s ``before_each`` for paired rounds. It runs
+    once untimed here (a compiled backend compiles batch 1 now, not in a pair)."""
+    seconds: list[float] = []
+
+    def run():
+        start = time.perf_counter()
+        run_stream(case.backend, [PROMPT], new_tokens)
+        bm.sync(bench.device)
+        seconds.append(time.perf_counter() - start)
+
+    run()
+    seconds.clear()
+    return run, seconds
+
+
 def _paired(before: list[float], outs: list, scale: float = 1.0) -> float:
     """Median over rounds of ``scale`` x (seconds of the generation run just before a timed
     round, by ``_measure``'s ``before_each``) / (the round's seconds): a speed ratio."""
@@ -176,19 +193,8 @@ def test_decode(benchmark, bench, case, batch, new_tokens):
         assert gen.stats.new_tokens == batch * new_tokens
         return gen, steps
 
-    singles = []  # batch > 1: seconds of a batch-1 generation run just before each round
-
-    def single():
-        start = time.perf_counter()
-        run_stream(case.backend, [PROMPT], new_tokens)
-        bm.sync(bench.device)
-        singles.append(time.perf_counter() - start)
-
-    if batch > 1:
-        single()  # compiled backends compile batch 1 here, not in a paired round
-        singles.clear()
-    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call,
-                                                      single if batch > 1 else None)
+    single, singles = _plain_rounds(bench, case, new_tokens) if batch > 1 else (None, [])
+    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, single)
     if singles:  # the batch's gain over batch 1 from rounds side by side (see test_speculative)
         extra["paired_vs_batch1"] = _paired(singles, outs, batch)
     extra.update(check_first_round(bench, case, prompts, gen.tokens))
@@ -221,16 +227,7 @@ def test_speculative(benchmark, bench, case, drafter):
         made = ModelDrafter(draft_backend) if drafter == "draft" else NgramDrafter(table=table)
         return run_stream(case.backend, [PROMPT], 200, made, DRAFT_TOKENS[drafter])
 
-    plain = []  # seconds of the plain generation run just before each timed round
-
-    def plain_round():
-        start = time.perf_counter()
-        run_stream(case.backend, [PROMPT], 200)
-        bm.sync(bench.device)
-        plain.append(time.perf_counter() - start)
-
-    plain_round()  # warm-up, as the row's own first call
-    plain.clear()
+    plain_round, plain = _plain_rounds(bench, case, 200)
     (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, plain_round)
     # The gain from rounds taken side by side: the plain row of this backend was measured
     # minutes earlier, when the machine may have run faster or slower.
