@@ -372,19 +372,23 @@ def _find(rows: list[dict[str, Any]], **want) -> dict[str, Any] | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
 
 
-def speculative_gain(row: dict[str, Any], plain: dict[str, Any] | None) -> float | None:
-    """A speculative row's speedup over plain greedy: from its paired rounds (a plain
-    generation timed just before each of its own) where it has them, else against the plain
-    200-token row of the same backend (results files before 2026-12-06)."""
-    if row.get("paired_speedup") is not None:
-        return row["paired_speedup"]
-    return None if plain is None else row["tokens_per_s"] / plain["tokens_per_s"]
+def paired_gain(row: dict[str, Any] | None, base: dict[str, Any] | None,
+                key: str) -> float | None:
+    """``row``'s tokens/s over ``base``'s: the ratio its rounds measured side by side (its
+    ``key``: ``paired_speedup`` of a speculative row against plain greedy, ``paired_vs_batch1``
+    of a batched row against batch 1) where it has one, else the two rows' ratio (results
+    files before 2026-12-06)."""
+    if row is None:
+        return None
+    if row.get(key) is not None:
+        return row[key]
+    return None if base is None else row["tokens_per_s"] / base["tokens_per_s"]
 
 
 def summary_table(doc: dict[str, Any]) -> str:
     """One markdown row per backend and variant: what a deployment chooses between (file size,
     load time, decode tokens/s at batch 1 / 8 / 32, speculative decoding with its gain over
-    plain greedy (``speculative_gain``), the 128-token prefill) from a results.json."""
+    plain greedy (``paired_gain``), the 128-token prefill) from a results.json."""
     rows = doc["results"]
     head = ("| backend | variant | file MB | load s | b1 tok/s | b8 tok/s | b32 tok/s | b8 / b1 "
             "| ngram spec. tok/s | ngram+data spec. tok/s | draft spec. tok/s | prefill 128 ms "
@@ -398,7 +402,7 @@ def summary_table(doc: dict[str, Any]) -> str:
         row = _find(same, scenario="speculative", drafter=drafter)
         if row is None:
             return "-"
-        gain = speculative_gain(row, plain)
+        gain = paired_gain(row, plain, "paired_speedup")
         return f"{row['tokens_per_s']:.1f}" + ("" if gain is None else f" ({gain:.2f}x)")
 
     seen: list[tuple[str, str]] = []
@@ -410,7 +414,7 @@ def summary_table(doc: dict[str, Any]) -> str:
         b1, b8, b32 = (_find(same, scenario="decode", batch=b, new_tokens=124) for b in (1, 8, 32))
         plain200 = _find(same, scenario="decode", batch=1, new_tokens=200)
         prefill = _find(same, scenario="prefill", prompt_tokens=128)
-        gain = batch_gain(b8, b1)
+        gain = paired_gain(b8, b1, "paired_vs_batch1")
         ratio = "-" if gain is None else f"{gain:.2f}x"
         file_mb, load_s = same[0].get("file_mb"), same[0].get("load_s")
         peak = max((r["peak_mem_mb"] for r in same if r.get("peak_mem_mb") is not None), default=None)
@@ -421,17 +425,6 @@ def summary_table(doc: dict[str, Any]) -> str:
                  "-" if peak is None else f"{peak:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def batch_gain(row: dict[str, Any] | None, batch1: dict[str, Any] | None) -> float | None:
-    """A batched row's tokens/s over batch 1's: from its paired rounds (a batch-1 generation
-    timed just before each of its own) where it has them, else against the batch-1 row of
-    the same backend (results files before 2026-12-06)."""
-    if row is None:
-        return None
-    if row.get("paired_vs_batch1") is not None:
-        return row["paired_vs_batch1"]
-    return None if batch1 is None else row["tokens_per_s"] / batch1["tokens_per_s"]
 
 
 def ort_against(engine_row: dict[str, Any] | None, ort_row: dict[str, Any] | None,
@@ -463,7 +456,7 @@ def targets_table(doc: dict[str, Any]) -> str:
     """The speed targets of the project's issues, each met or not, from a results.json:
     batch-1 and batched decode (124 tokens, inside the window), naive as the baseline, ort
     against the other engines (``ort_against``), the speculative rows by their gain over
-    plain greedy (``speculative_gain``)."""
+    plain greedy (``paired_gain``)."""
     rows = doc["results"]
 
     def decode(backend, variant="fp32", batch=1, new_tokens=124):
@@ -488,7 +481,7 @@ def targets_table(doc: dict[str, Any]) -> str:
         r = ratio(decode(backend), decode("naive"))
         target(f"{backend}, batch 1: >= {goal}x naive", r, goal)
     for backend, goal in (("ort", 4.0), ("compiled", 3.0)):
-        r = batch_gain(decode(backend, batch=8), decode(backend))
+        r = paired_gain(decode(backend, batch=8), decode(backend), "paired_vs_batch1")
         target(f"{backend} fp32: batch 8 >= {goal}x its batch-1 tokens/s", r, goal)
     r = ratio(decode("ort", "int4"), decode("ort", "int8"))
     target("ort int4, batch 1: >= 1.5x int8", r, 1.5)
@@ -506,7 +499,8 @@ def targets_table(doc: dict[str, Any]) -> str:
     for r in sorted((r for r in rows if r.get("scenario") == "speculative"),
                     key=lambda r: (r["backend"], r["variant"], r.get("drafter", ""))):
         name = f"{r['backend']}{'' if r['variant'] == 'fp32' else ' ' + r['variant']}"
-        gain = speculative_gain(r, decode(r["backend"], r["variant"], new_tokens=200))
+        gain = paired_gain(r, decode(r["backend"], r["variant"], new_tokens=200),
+                           "paired_speedup")
         target(f"{name} + {r['drafter']} speculation: >= 1.5x its plain greedy", gain, 1.5,
                f"{{:.2f}}x ({r['tokens_per_s']:.0f} tok/s, {r['roofline_pct']:.0f}% of the roofline)")
     return "\n".join(lines) + "\n"
