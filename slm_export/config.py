@@ -74,6 +74,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str | None = None  # None: validation / val / valid / test, whichever exists
     streaming: bool = False  # read the source as a stream (corpora larger than memory)
+    data_seed: int = 42  # the embedded corpus and the held-out split: the same documents every run
     data_root: str = "artifacts/data"
     out_dir: str = "artifacts/runs/30m-stories"
     max_iters: int = 20_000

@@ -15,6 +15,7 @@ folder and rebuilds an invalid one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,30 +45,33 @@ VAL_NAMES = ("validation", "val", "valid", "test")
 
 @dataclass(frozen=True)
 class Source:
-    """Where text comes from, and how to read a document out of a row (defaults: TrainConfig's)."""
+    """Where text comes from, and how to read a document out of a row: the data fields of a
+    ``TrainConfig`` (which holds their defaults), made by ``Source.of``."""
 
-    dataset: str = TrainConfig.dataset
-    text_field: str = TrainConfig.text_field  # a column, or a template "{Context}\n{Response}"
-    val_fraction: float = TrainConfig.val_fraction  # held out when the source has no val split
-    stories: int = TrainConfig.stories  # size of the embedded corpus (number of stories)
-    seed: int = 42  # of the embedded corpus and the held-out split: the same documents every run
-    config: str | None = TrainConfig.dataset_config  # load_dataset's name= (builder config)
-    train_split: str = TrainConfig.train_split
-    val_split: str | None = TrainConfig.val_split  # None: the first of VAL_NAMES it has
-    streaming: bool = TrainConfig.streaming
+    dataset: str
+    text_field: str  # a column, or a template "{Context}\n{Response}"
+    val_fraction: float  # held out when the source has no val split
+    stories: int  # size of the embedded corpus (number of stories)
+    seed: int  # of the embedded corpus and the held-out split: the same documents every run
+    config: str | None  # load_dataset's name= (builder config)
+    train_split: str
+    val_split: str | None  # None: the first of VAL_NAMES it has
+    streaming: bool
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> Source:
+    def of(cls, cfg: TrainConfig | None = None, **changes) -> Source:
+        """The source of ``cfg`` (default: ``TrainConfig()``) with ``changes`` to its fields."""
+        cfg = dataclasses.replace(cfg or TrainConfig(), **changes)
         return cls(dataset=cfg.dataset, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                   stories=cfg.stories, config=cfg.dataset_config, train_split=cfg.train_split,
-                   val_split=cfg.val_split, streaming=cfg.streaming)
+                   stories=cfg.stories, seed=cfg.data_seed, config=cfg.dataset_config,
+                   train_split=cfg.train_split, val_split=cfg.val_split, streaming=cfg.streaming)
 
     @property
     def name(self) -> str:
         """Folder name under the data root: readable, and distinct per source and options."""
         if self.dataset == "stories":
             base = f"stories-{self.stories}-s{self.seed}"
-            if self.val_fraction != Source.val_fraction:
+            if self.val_fraction != TrainConfig.val_fraction:
                 base += f"-v{self.val_fraction:g}"
         else:
             base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.dataset).name or self.dataset)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from slm_export import registry
 from slm_export.config import GPTConfig
 from slm_export.errors import first_line
 
@@ -75,9 +76,6 @@ def _nvidia_packages() -> list[str]:
                   if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
 
 
-EXPORT_FORMAT = {"torchscript": "torchscript", "ort": "onnx", "aoti": "aoti"}  # backend -> format it loads
-
-
 def _export_smoke_model(folder: Path, backends: Sequence[str]):
     """The smoke model, exported to the formats ``backends`` read (ONNX, TorchScript, an
     AOTInductor package for the CPU where a C++ compiler is found): nothing else is built."""
@@ -87,7 +85,7 @@ def _export_smoke_model(folder: Path, backends: Sequence[str]):
 
     torch.manual_seed(0)
     model = GPT(SMOKE_CONFIG).eval()
-    formats = [EXPORT_FORMAT[b] for b in backends if b in EXPORT_FORMAT]
+    formats = registry.formats_for(backends)
     if compiler_problem():
         formats = [f for f in formats if f != "aoti"]
     if formats:
@@ -107,16 +105,16 @@ def _aoti_package(folder: Path, model, device: str) -> Path:
 
 
 def smoke_runs(devices: list[str], backends: Sequence[str] | None = None) -> list[Smoke]:
-    """Greedy SMOKE_TOKENS from each backend (default: all) on every device, each against
-    eager on the CPU."""
+    """Greedy SMOKE_TOKENS from each backend (default: all) on every device, each beside eager
+    on the CPU (``runtime.parity``: eager's own tokens, or a tie where float noise may pick
+    either, as TF32 or another GPU kernel can)."""
     from slm_export.export.aoti import compiler_problem
-    from slm_export.runtime import BACKENDS, GREEDY, backend_for_model, generate, load_backend
+    from slm_export.runtime import backend_for_model, load_backend, parity
 
-    kw = dict(max_new_tokens=SMOKE_TOKENS, sampling=GREEDY, stop_id=None)
-    backends = backends or BACKENDS
+    backends = backends or registry.NAMES
     with tempfile.TemporaryDirectory(prefix="slm-doctor-") as tmp:
         model = _export_smoke_model(Path(tmp), backends)
-        want = generate(backend_for_model("eager", model), SMOKE_PROMPTS, **kw).tokens
+        eager = backend_for_model("eager", model)
         results = []
         for device in devices:
             for name in backends:
@@ -125,15 +123,15 @@ def smoke_runs(devices: list[str], backends: Sequence[str] | None = None) -> lis
                     results.append(Smoke(name, device, "SKIP", problem, 0.0))
                     continue
                 try:
-                    if name in ("torchscript", "ort"):
-                        backend = load_backend(name, Path(tmp) / "export", device)
+                    if registry.backend(name).from_checkpoint:
+                        backend = backend_for_model(name, _copy_to(model, device))
                     elif name == "aoti":
                         backend = load_backend(name, _aoti_package(Path(tmp), model, device), device)
                     else:
-                        backend = backend_for_model(name, _copy_to(model, device))
-                    got = generate(backend, SMOKE_PROMPTS, **kw).tokens
-                    status, detail = ("PASS", "greedy tokens identical to eager") if got == want \
-                        else ("FAIL", "greedy tokens differ from eager")
+                        backend = load_backend(name, Path(tmp) / "export", device)
+                    report = parity.greedy(eager, backend, SMOKE_PROMPTS, SMOKE_TOKENS).check()
+                    ties = f" ({report.tie_count} tie(s))" if report.tie_count else ""
+                    status, detail = "PASS", f"greedy tokens are eager's{ties}"
                 except Exception as e:  # a smoke run reports every failure, whatever its type
                     status, detail = "FAIL", f"{type(e).__name__}: {first_line(e, 140)}"
                 results.append(Smoke(name, device, status, detail, time.perf_counter() - start))
@@ -166,11 +164,9 @@ def print_report(rows, smokes: list[Smoke], console) -> None:
 
 
 def _backend_list(text: str) -> list[str]:
-    from slm_export.runtime import BACKENDS
-
     names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or any(n not in BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(BACKENDS)}")
+    if not names or any(n not in registry.NAMES for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(registry.NAMES)}")
     return names
 
 

@@ -6,12 +6,11 @@
 - Inductor's own C++ GEMM template (``max_autotune`` with the ``CPP`` backend only) for graphs
   that multiply a few rows at a time (a decode step, a speculative verify step), instead of
   inductor's default (MKL's packed GEMM for a frozen linear with a fixed row count, oneDNN's
-  for a dynamic one). MKL is slow at 2-8 rows on this shape (the 30m lm_head: 12.9 ms at 8
-  rows against 4.5 ms with the template, 2 threads; bench/RESULTS.md has the effect on the
-  backends). With one backend listed there is nothing to benchmark: the template is chosen,
-  at the cost of compiling its kernels (30m: +8 s for the decode graph, +18 s for the score
-  graph). Its kernels split their work for the torch thread count at compile time: right with
-  any count at run time, at most that many threads working. It needs a vector ISA (AVX2,
+  for a dynamic one), which is slow at a handful of rows on the lm_head's shape. With one
+  backend listed there is nothing to benchmark: the template is chosen, at the cost of
+  compiling its kernels (seconds per graph). Its kernels split their work for the torch
+  thread count at compile time: right with any count at run time, at most that many
+  threads working. It needs a vector ISA (AVX2,
   AVX-512, NEON) to be fast: without one the settings leave it out.
 """
 

@@ -7,10 +7,11 @@ Three ways to run the same weights:
   k_1, v_1, ..., P >= 0, the layout optimum and onnxruntime-genai use); it returns the
   logits of the last positions and the grown cache. Pure tensors in and out, so it traces
   and exports (TorchScript, ONNX) with dynamic batch, sequence and past lengths.
-- ``forward_static(idx, input_pos, caches)``: a preallocated cache (``KVCache``) written in
-  place at ``input_pos``; shapes never change, which is what ``torch.compile`` and CUDA
-  graphs want.
-All three share the blocks below; only where keys/values come from differs.
+- ``forward_static(idx, input_pos, window, mask, logits_index)``: a preallocated window per
+  layer, written in place at ``input_pos``; shapes never change, which is what
+  ``torch.compile``, AOTInductor and CUDA graphs want.
+All three share the blocks below; only where keys/values come from differs: each layer's
+``LayerCache`` (one protocol, ``attend``).
 """
 
 from __future__ import annotations
@@ -24,48 +25,64 @@ from torch.nn import functional as F
 
 from slm_export.config import GPTConfig
 
-
-class KVCache(nn.Module):
-    """Preallocated keys/values for one layer, updated in place (gpt-fast style)."""
-
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,), k/v: (B, nh, T, hs)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-
 KV = tuple[torch.Tensor, ...]  # (k_0, v_0, k_1, v_1, ...): 2 * n_layer tensors (B, nh, P, hs)
 
 
-class _GrowingCache:
+def _heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    B, T, C = t.shape
+    return t.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+
+class LayerCache:
+    """The one cache protocol of a layer: ``attend(q, k, v, n_head, mask, dropout_p)`` turns
+    the new positions' projections (B, T, C) into the attention output (B, T, C).
+
+    This base class is the no-cache case (the keys are the new positions); a cache that
+    keeps keys overrides ``keys_values``, one that runs attention elsewhere (the ONNX
+    export's fused op, ``export/attention_op.py``) overrides ``attend``."""
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor):
+        """The new keys/values (B, nh, T, hs) -> every key/value attention reads (B, nh, S, hs)."""
+        return k, v
+
+    def attend(self, q, k, v, n_head: int, mask: torch.Tensor | None, dropout_p: float = 0.0):
+        B, T, C = q.shape
+        k, v = self.keys_values(_heads(k, n_head), _heads(v, n_head))
+        q = _heads(q, n_head)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return y.transpose(1, 2).contiguous().view(B, T, C)
+
+
+class GrowingCache(LayerCache):
     """Functional cache for one layer: the past keys/values with the new ones appended,
     which is both what attention reads and the layer's present (one copy per step)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v  # (B, nh, P, hs)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
+    def keys_values(self, k, v):
         self.k = torch.cat([self.k, k], dim=2)  # (B, nh, P + T, hs)
         self.v = torch.cat([self.v, v], dim=2)
         return self.k, self.v
 
 
-class _StaticSlot:
-    """Binds one layer's KVCache to the positions being written this call."""
+class StaticCache(LayerCache):
+    """One layer's preallocated window (B, nh, block_size, hs), owned by the caller and written
+    in place at ``input_pos`` (T,) (gpt-fast's KVCache): shapes never change."""
 
-    def __init__(self, cache: KVCache, input_pos: torch.Tensor):
-        self.cache, self.input_pos = cache, input_pos
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        self.k, self.v, self.input_pos = k, v, input_pos
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        return self.cache.update(self.input_pos, k, v)
+    def keys_values(self, k, v):
+        self.k.index_copy_(2, self.input_pos, k)
+        self.v.index_copy_(2, self.input_pos, v)
+        return self.k, self.v
+
+
+_NO_CACHE = LayerCache()
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,23 +95,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache=None, mask: torch.Tensor | None = None):
-        B, T, C = x.shape
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        if hasattr(cache, "attend"):  # a cache that runs attention itself (export/attention_op.py)
-            return self.resid_dropout(self.c_proj(cache.attend(q, k, v, self.n_head)))
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, nh, S, hs), S >= T
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = (cache or _NO_CACHE).attend(q, k, v, self.n_head, mask, dropout_p)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -197,46 +202,43 @@ class GPT(nn.Module):
         ``position_ids`` (B, T) gives them. ``logits_to_keep`` K (an int or a 0-d tensor):
         logits of the last K positions only, 0 for all (the lm_head is the costliest matmul
         of a prefill). The caller keeps P + T <= block_size (positions are learned, a cache
-        cannot slide). ``cache(k, v)`` makes a layer's cache from its past (default: the
-        concat of ``_GrowingCache``; the ONNX export's runs a fused attention op).
+        cannot slide). ``cache(k, v)`` makes a layer's ``LayerCache`` from its past
+        (default ``GrowingCache``; the ONNX export's runs a fused attention op).
         """
         T, P = idx.size(1), past[0].size(2)
         q_pos = positions(idx, P, T)
-        mask, pos = _mask_and_positions(q_pos, P + T, attention_mask)
+        mask, pos = mask_and_positions(q_pos, P + T, attention_mask)
         if position_ids is not None:
             pos = position_ids
-        new_cache = cache or _GrowingCache
+        new_cache = cache or GrowingCache
         caches = [new_cache(past[2 * i], past[2 * i + 1]) for i in range(self.config.n_layer)]
         h = self._hidden(idx, pos, caches, mask)
         present = tuple(t for c in caches for t in (c.k, c.v))
         return self.lm_head(h[:, -logits_to_keep:]), present
 
-    def new_static_caches(self, batch: int, max_len: int | None = None,
-                          device=None, dtype=None) -> nn.ModuleList:
-        c = self.config
-        ref = self.lm_head.weight
-        return nn.ModuleList(
-            KVCache(batch, c.n_head, max_len or c.block_size, c.head_dim,
-                    dtype=dtype or ref.dtype, device=device or ref.device)
-            for _ in range(c.n_layer)
-        )
+    def empty_window(self, batch: int) -> KV:
+        """Preallocated windows for ``forward_static``: 2 * n_layer zero tensors (batch,
+        n_head, block_size, head_dim) on the weights' device and dtype (zeros, not empty:
+        masked slots are multiplied by a zero weight, and 0 * NaN would leak)."""
+        c, ref = self.config, self.lm_head.weight
+        return tuple(torch.zeros(batch, c.n_head, c.block_size, c.head_dim, device=ref.device,
+                                 dtype=ref.dtype) for _ in range(2 * c.n_layer))
 
-    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, caches: nn.ModuleList,
-                       attention_mask: torch.Tensor | None = None, all_logits: bool = False,
-                       logits_index: torch.Tensor | None = None):
-        """idx (B, T) written at input_pos (T,) into preallocated caches -> logits (B, V) of
-        the last position, or (B, T, V) of every new one with ``all_logits``, or (B, K, V)
-        of the new positions ``logits_index`` (K,) names (a tensor: one exported graph
-        serves both the last position and all of them).
+    def forward_static(self, idx: torch.Tensor, input_pos: torch.Tensor, window: KV,
+                       attention_mask: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) written at slots ``input_pos`` (T,) of the caller's preallocated
+        ``window`` (``empty_window``: written in place) -> logits (B, K, V) of the new
+        positions ``logits_index`` (K,) names (the last one to sample from, all of them to
+        verify drafts: one graph serves both).
 
-        ``attention_mask`` (B, max_len) marks real tokens (1) and left padding (0).
+        ``attention_mask`` (B, block_size) marks real tokens (1) and left padding (0); slots
+        past the current length hold stale values the causal mask hides.
         """
-        mask, pos = _mask_and_positions(input_pos, caches[0].k.size(2), attention_mask)
-        slots = [_StaticSlot(cache, input_pos) for cache in caches]
-        h = self._hidden(idx, pos, slots, mask)
-        if logits_index is not None:
-            return self.lm_head(h.index_select(1, logits_index))
-        return self.lm_head(h if all_logits else h[:, -1, :])
+        mask, pos = mask_and_positions(input_pos, window[0].size(2), attention_mask)
+        caches = [StaticCache(window[2 * i], window[2 * i + 1], input_pos)
+                  for i in range(self.config.n_layer)]
+        h = self._hidden(idx, pos, caches, mask)
+        return self.lm_head(h.index_select(1, logits_index))
 
 
 class BlockedHead(nn.Module):
@@ -245,11 +247,10 @@ class BlockedHead(nn.Module):
     (V padded with zero rows up to blocks * width). The logits are one batched matmul over
     the slices, ``x @ W_i.T`` each on a row-major (C, width) matrix, cut back to V.
 
-    MKL's single GEMM is slow on this shape at the few rows a decode or verify step has
-    (the 30m model, 2 threads, torch 2.13: 6.3 ms for 1 row and 12.8 for 6 on the row-major
-    matrix, 2.8 and 11.6 column-major) where the batched one takes 2.3 and 5.8 ms
-    (``bench/lm_head_layouts.py``, bench/RESULTS.md). 32 slices: a multiple of the usual
-    thread counts, and the zero padding stays under 32 rows.
+    Why: MKL's single GEMM over a (V, C) matrix is slow at the few rows a decode or verify
+    step multiplies on the CPU, and a batch of narrower column-major products is not (the
+    eager and TorchScript rows of the bench show the effect). 32 slices: a multiple of the
+    usual thread counts, and the zero padding stays under 32 rows.
     """
 
     def __init__(self, weight: torch.Tensor, blocks: int = 32):
@@ -282,10 +283,9 @@ class BlockedEmbedding(nn.Module):
 
 
 def blocked_head(model: GPT) -> GPT:
-    """A copy of ``model`` for inference whose tied embedding / lm_head is a ``BlockedHead``
-    (the lm_head at ~1.3x the speed of a column-major matrix at one row, ~2x at the 5-7 rows
-    of a speculative verify step, on 2 CPU threads). Every other Parameter is shared with
-    ``model``, which is left as it was; an already blocked model is returned as is.
+    """A copy of ``model`` for inference whose tied embedding / lm_head is a ``BlockedHead``.
+    Every other Parameter is shared with ``model``, which is left as it was; an already
+    blocked model is returned as is.
     """
     if isinstance(model.lm_head, BlockedHead):
         return model
@@ -320,7 +320,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None):
+def mask_and_positions(q_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None):
     """Attention mask and position ids for queries at absolute slots ``q_pos`` (T,).
 
     Without padding: a (T, S) causal mask and positions q_pos. With a padding mask (B, S):

@@ -690,3 +690,23 @@ class Trainer:
             plots.write_all(self.out_dir, warn=self.report.warn)
         except Exception as e:
             self.report.warn(f"plots not drawn ({type(e).__name__}: {first_line(e, 120)})")
+
+
+# -- a brief run: the trained model of the tests and the bench ----------------------------------
+
+BRIEF = dict(batch_size=8, lr=2e-3, min_lr=2e-4, eval_iters=4)  # the same for every preset
+
+
+def train_brief(preset: str, steps: int, out_dir: str | os.PathLike, data_root: str | os.PathLike,
+                stories: int = TrainConfig.stories, device: str = "cpu") -> Path:
+    """``preset`` trained ``steps`` steps on the embedded stories with the ``BRIEF`` recipe
+    (warm-up over a fifth of the run, one evaluation at the end) -> its best.pt: a model
+    whose greedy text is varied English-like stories, as quality checks and speculative
+    decoding need (random weights repeat one token, which every backend agrees on)."""
+    from slm_export.config import preset as preset_config
+
+    cfg = TrainConfig(dataset="stories", stories=stories, out_dir=str(out_dir),
+                      data_root=str(data_root), max_iters=steps, eval_interval=steps,
+                      warmup_iters=min(100, max(1, steps // 5)), device=device, plots=False, **BRIEF)
+    train(cfg, preset_config(preset))
+    return Path(out_dir) / "best.pt"

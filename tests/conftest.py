@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from slm_export import checkpoint  # noqa: E402
 from slm_export.config import PRESETS  # noqa: E402
 from slm_export.model import GPT  # noqa: E402
+from slm_export.runtime import parity  # noqa: E402
+from slm_export.runtime.parity import REL_TOL  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,33 +45,36 @@ def tiny_ckpt(tmp_path_factory, tiny_model) -> str:
 
 
 TRAINED_STEPS = 150
+TRAINED_STORIES = 2000
+
+
+RUN_ENV = "SLM_TEST_RUN"  # a folder for the trained run (best.pt, export/, data/), kept after
+
+
+def _run_root(tmp_path_factory) -> Path:
+    """Where the session's trained run lives: ``$SLM_TEST_RUN`` (CI's quick bench reads the
+    same run; a later session reuses a complete one), else a temporary folder."""
+    kept = os.environ.get(RUN_ENV)
+    return Path(kept) if kept else tmp_path_factory.mktemp("trained")
 
 
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory) -> str:
-    """The tiny preset trained briefly on the embedded stories through train.py: a model
-    whose greedy text is varied English-like stories (random weights repeat one token,
-    which every backend agrees on and proves little). ~1-2 minutes on 2 cores."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    """The tiny preset trained briefly on the embedded stories (``training.train_brief``, as
+    the bench's own models): a model whose greedy text is varied English-like stories
+    (random weights repeat one token, which every backend agrees on and proves little)."""
+    from slm_export.training import train_brief
 
-    root = tmp_path_factory.mktemp("trained")
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "train.py"), "--dataset", "stories", "--stories", "2000",
-           "--preset", "tiny", "--max-iters", str(TRAINED_STEPS), "--eval-interval",
-           str(TRAINED_STEPS), "--eval-iters", "2", "--no-plots", "--quiet",
-           "--out-dir", str(root / "run"), "--data-root", str(root / "data")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return str(root / "run" / "best.pt")
+    root = _run_root(tmp_path_factory)
+    best = root / "run" / "best.pt"
+    if best.is_file() and list((root / "data").glob("stories-*/meta.json")):
+        return str(best)
+    return str(train_brief("tiny", TRAINED_STEPS, root / "run", root / "data", stories=TRAINED_STORIES))
 
 
 @pytest.fixture(scope="session")
 def trained_data(trained_ckpt):
     """The prepared data folder ``trained_ckpt`` trained on (read-only)."""
-    from pathlib import Path
-
     (folder,) = (Path(trained_ckpt).parents[1] / "data").glob("stories-*")
     return folder
 
@@ -81,16 +87,23 @@ def trained_model(trained_ckpt) -> GPT:
 
 
 @pytest.fixture(scope="session")
-def trained_export(trained_ckpt, tmp_path_factory):
+def trained_export(trained_ckpt):
     """The one export of the trained model per session, through export.py's main, verified
     (the default formats: ONNX, TorchScript and, where a C++ compiler is found, AOTInductor;
-    int8, int4 and fp16 variants: each passes its default quality gate).
-    Read-only: a test that changes files works on a copy."""
-    from pathlib import Path
-
+    int8, int4 and fp16 variants: each passes its default quality gate), in the run folder
+    (``run/export``: a run folder the bench and slm-serve take as it is). Reused where
+    ``$SLM_TEST_RUN`` holds a complete one. Read-only: a test that changes files works on a copy."""
+    from slm_export.artifacts.manifest import Manifest
     from slm_export.cli.export import main
+    from slm_export.registry import REDUCED
 
-    folder = Path(tmp_path_factory.mktemp("trained_export")) / "export"
+    folder = Path(trained_ckpt).parent / "export"
+    try:
+        manifest = Manifest.read(folder, verify_hashes=False)
+        if os.environ.get(RUN_ENV) and all(manifest.has("onnx_kv", v) for v in REDUCED):
+            return folder
+    except Exception:
+        pass  # none yet, or incomplete: export it
     assert main(["--checkpoint", trained_ckpt, "--out-dir", str(folder), "--quantize", "int8",
                  "--quantize", "int4", "--dtype", "fp16"]) == 0
     return folder
@@ -107,38 +120,26 @@ def trained_backends(trained_model, trained_export) -> dict:
     return made
 
 
-REL_TOL = 5e-5  # fp32 backends: max |logit difference| / std of the reference's logits
-
-
 def greedy_lockstep(reference, backend, prompts, *, max_new_tokens: int, overflow: str = "rebase",
-                    rel_tol: float | None = REL_TOL) -> dict:
-    """Greedy through the one loop on ``backend`` with ``reference`` fed the same ids in
-    lockstep (``verify.Lockstep``). Asserts, at every step of the whole continuation: the
-    logits agree within ``rel_tol`` x the std of the reference's logits (None: not checked),
-    and the token is the reference's argmax, or the reference scores both within that
-    tolerance (a tie: float noise may pick either; the reference follows the backend).
-    Without ties the text is exactly the reference's own.
-    -> {"generation": the backend's ``Generation``, "ties": per row, the first token picked at
-    a tie (None: none; up to there the row is the reference's own greedy text), "agreement":
-    the share of tokens that are the reference's argmax}."""
-    from slm_export.export.verify import Lockstep
-    from slm_export.runtime import GREEDY, generate
-
-    pair = Lockstep(backend, reference)
-    out = generate(pair, prompts, max_new_tokens=max_new_tokens, sampling=GREEDY,
-                   overflow=overflow, stop_id=None)
-    assert len(pair.steps) == max_new_tokens
-    for token, step in enumerate(pair.steps):
-        if rel_tol is not None:
-            tol = rel_tol * step.scale
-            assert step.diff <= tol, f"token {token}: max |diff| {step.diff:.3g} > {tol:.3g}"
-            assert bool((step.gap <= tol).all()), f"token {token}: not a tie: {step.gap.max():.3g}"
-    agree = torch.stack([step.agree for step in pair.steps])  # (tokens, rows)
-    ties = [None if bool(col.all()) else int(col.logical_not().nonzero()[0]) for col in agree.T]
-    return {"generation": out, "ties": ties, "agreement": agree.float().mean().item()}
+                    rel_tol: float | None = REL_TOL):
+    """``runtime.parity.greedy``, checked (every step's logits within ``rel_tol`` x the std of
+    the reference's, every token its argmax or a tie) unless ``rel_tol`` is None."""
+    report = parity.greedy(reference, backend, prompts, max_new_tokens, overflow)
+    assert sum(len(row) for row in report.agree) == len(prompts) * max_new_tokens
+    if rel_tol is not None:
+        report.check(rel_tol)
+    return report
 
 
 @pytest.fixture(scope="session")
 def lockstep():
     """``greedy_lockstep``: tie-aware greedy parity of a backend with a reference."""
     return greedy_lockstep
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``tests/helpers/server.serving``: a real slm-serve process on a free loopback port."""
+    from helpers.server import serving
+
+    return serving

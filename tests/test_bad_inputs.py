@@ -56,7 +56,7 @@ def good(tmp_path_factory) -> dict[str, Path]:
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("skipping aoti (model_kv.pt2): no working C++ compiler"), r.stdout
     return {"tmp": tmp, "run": run, "export": run / "export",
-            "data": tmp / "data" / Source(stories=STORIES).name}
+            "data": tmp / "data" / Source.of(stories=STORIES).name}
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[str, int]]:

@@ -189,7 +189,7 @@ def wait_and_kill(proc: subprocess.Popen, point: str, arg, marker: Path) -> None
 def test_sigkill_at_seeded_moments_then_resume(tmp_path):
     rng = random.Random(SEED)
     data_root, out = tmp_path / "data", tmp_path / "run"
-    data_dir = data_root / Source(stories=STORIES).name
+    data_dir = data_root / Source.of(stories=STORIES).name
     marker, phase_file = tmp_path / "marker", tmp_path / "phase"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT),

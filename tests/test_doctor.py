@@ -39,22 +39,23 @@ def test_doctor_reports_a_failing_backend(monkeypatch, tmp_path):
     from slm_export import doctor
     from slm_export.runtime import eager
 
-    real = eager.EagerBackend.decode
+    real = eager.EagerBackend._forward
 
-    def off_by_one(self, tokens, state):
-        logits, state = real(self, tokens, state)
-        return logits.roll(1, dims=-1), state
+    def off_by_one(self, rows, state, every):
+        logits, cache = real(self, rows, state, every)
+        return logits.roll(1, dims=-1), cache
 
     def no_export(*args, **kwargs):
         raise AssertionError("naive reads no exported file: the doctor should export nothing")
 
-    monkeypatch.setattr(eager.EagerBackend, "decode", off_by_one)
+    monkeypatch.setattr(eager.EagerBackend, "_forward", off_by_one)
     monkeypatch.setattr("slm_export.export.build", no_export)
     out = tmp_path / "doctor.json"
     assert doctor.main(["--backends", "naive", "--json", str(out)]) == 1
     # eager is also the reference, so the reference changes too: compare with another backend
     (naive,) = json.loads(out.read_text())["smoke"]
-    assert naive["backend"] == "naive" and naive["status"] == "FAIL" and "differ" in naive["detail"]
+    assert (naive["backend"], naive["status"]) == ("naive", "FAIL")
+    assert "greedy continuation" in naive["detail"]
 
 
 def test_doctor_refuses_an_unknown_backend(capsys):

@@ -44,11 +44,17 @@ def test_forward_loss_and_last_logits(tiny_model):
         tiny_model(torch.zeros(1, 129, dtype=torch.long))
 
 
+@pytest.fixture(scope="module")
+def model_30m():
+    torch.manual_seed(0)
+    return GPT(PRESETS["30m"]).eval()
+
+
 @pytest.mark.parametrize("length", [1, 2, 17, 64, 128])
 @torch.no_grad()
-def test_kv_cache_matches_full_forward(length):
+def test_kv_cache_matches_full_forward(length, model_30m):
     torch.manual_seed(length)
-    model = GPT(PRESETS["30m"]).eval()
+    model = model_30m
     idx = torch.randint(0, 50257, (2, length))
     full, _ = model(idx)
     split = max(1, length // 3)
@@ -58,11 +64,12 @@ def test_kv_cache_matches_full_forward(length):
     assert len(kv) == 12 and all(t.shape == (2, 6, length, 64) for t in kv)
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
 
-    caches = model.new_static_caches(2)
-    logits = model.forward_static(idx[:, :split], torch.arange(split), caches)
+    window, mask, last = model.empty_window(2), torch.ones(2, 128, dtype=torch.long), torch.tensor([0])
+    logits = model.forward_static(idx[:, :split], torch.arange(split), window, mask,
+                                  torch.tensor([split - 1]))
     for t in range(split, length):
-        logits = model.forward_static(idx[:, t : t + 1], torch.tensor([t]), caches)
-    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=0)
+        logits = model.forward_static(idx[:, t : t + 1], torch.tensor([t]), window, mask, last)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

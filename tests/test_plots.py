@@ -127,7 +127,7 @@ def test_a_plot_that_fails_is_one_warning_and_the_run_succeeds(tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def stories_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    prepare(Source(stories=300), root)
+    prepare(Source.of(stories=300), root)
     return root
 
 

@@ -54,6 +54,13 @@ def test_greedy_speculation_is_plain_greedy(name, trained_backends, tiny_model, 
     assert bad.tokens == plain.tokens and bad.stats.acceptance < 0.2
     alone = generate(backend, rows[:1], drafter=NgramDrafter(), draft_tokens=4, **kw)
     assert alone.tokens[0] == generate(backend, rows[:1], **kw).tokens[0]
+    # With the penalties on, greedy speculation is still plain greedy (under the penalties).
+    penalized = dict(kw, sampling=SamplingConfig(temperature=0, top_k=None, presence_penalty=0.5,
+                                                 frequency_penalty=0.3, repetition_penalty=1.2))
+    plain_penalized = generate(backend, rows, **penalized)
+    assert plain_penalized.tokens != plain.tokens
+    spec = generate(backend, rows, drafter=NgramDrafter(table=table), draft_tokens=4, **penalized)
+    assert spec.tokens == plain_penalized.tokens and spec.stats.accepted > 0
 
 
 def test_a_draft_model_that_agrees_is_accepted(trained):
@@ -163,25 +170,34 @@ def small():
     return model
 
 
-def exact_joint(model, prompt, n=3):
-    """p(x1..xn | prompt) for every sequence, from the full forward."""
+def exact_joint(model, prompt, n=3, cfg: SamplingConfig | None = None):
+    """p(x1..xn | prompt) for every sequence, from the full forward (with ``cfg``'s history
+    controls applied at each position, counting the tokens before it as generated)."""
+    from slm_export.runtime.sampling import adjust
+
     probs = {}
     for seq in itertools.product(range(VOCAB), repeat=n):
         ids = torch.tensor([prompt + list(seq)])
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids, ids)[0][0].double(), -1)
-        probs[seq] = math.exp(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq)))
+            logits = model(ids, ids)[0][0].double()
+        logp = 0.0
+        for i, t in enumerate(seq):
+            row = logits[len(prompt) - 1 + i]
+            if cfg is not None:
+                counts = torch.bincount(torch.tensor(seq[:i], dtype=torch.long), minlength=VOCAB).double()
+                seen = torch.zeros(VOCAB, dtype=torch.bool)
+                seen[torch.tensor(prompt + list(seq[:i]))] = True
+                row = adjust(row, cfg, counts, seen).double()
+            logp += torch.log_softmax(row, -1)[t].item()
+        probs[seq] = math.exp(logp)
     return probs
 
 
-class FixedDrafter:
+class FixedDrafter(NgramDrafter):
     """Always proposes the same tokens: mostly wrong, so rejections and resampling run."""
 
     def propose(self, history, k):
         return [[0, 1, 2, 3][:k] for _ in history]
-
-    def commit(self, accepted):
-        pass
 
 
 def chi_square(samples, probs):
@@ -192,22 +208,32 @@ def chi_square(samples, probs):
     return sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
 
 
-@pytest.mark.parametrize("drafter", ["none", "fixed", "self", "unsure"])
-def test_speculative_sampling_keeps_the_distribution(drafter, small):
+PENALIZED = SamplingConfig(temperature=1.0, top_k=None, presence_penalty=0.8,
+                           frequency_penalty=0.4, repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("drafter,cfg", [
+    ("none", None), ("fixed", None), ("self", None), ("unsure", None),
+    ("none", PENALIZED), ("fixed", PENALIZED), ("self", PENALIZED)])
+def test_speculative_sampling_keeps_the_distribution(drafter, cfg, small):
+    """Sampling with or without drafts, with or without the penalties (each verified position
+    counts the drafts before it as generated): the joint of three tokens is the model's own
+    (chi-square against the exact joint)."""
     prompt, rows, runs = [1, 2], 8, 500
     backend = backend_for_model("eager", small)
     make = {"none": lambda: None, "fixed": FixedDrafter,
             "self": lambda: ModelDrafter(backend_for_model("eager", small), min_confidence=0),
             "unsure": lambda: ModelDrafter(backend_for_model("eager", small),
                                            min_confidence=0.3)}[drafter]
-    cfg = SamplingConfig(temperature=1.0, top_k=None)
+    want = exact_joint(small, prompt, cfg=cfg)
+    cfg = cfg or SamplingConfig(temperature=1.0, top_k=None)
     gen = torch.Generator().manual_seed(11)
     samples = []
     for _ in range(runs):
         out = generate(backend, [prompt] * rows, max_new_tokens=3, sampling=cfg, generator=gen,
                        stop_id=None, drafter=make(), draft_tokens=2)
         samples += [tuple(t) for t in out.tokens]
-    chi2, df = chi_square(samples, exact_joint(small, prompt))
+    chi2, df = chi_square(samples, want)
     assert df >= 10  # enough populated cells for the test to mean something
     assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)  # mean + 5 sd of chi-square(df)
 
@@ -222,12 +248,14 @@ def test_a_draft_model_stops_drafting_where_it_is_unsure(small):
     with torch.no_grad():  # the draft model's probability of each of its guesses
         p = [torch.softmax(small(torch.tensor([history[0] + full[:i]]))[0][0, -1], -1)[t].item()
              for i, t in enumerate(full)]
-    for threshold in (*p, 1.01):
+    # Thresholds just below each guess's probability (the full forward and the drafter's
+    # cached one round differently at the last digits) and above every one.
+    for threshold in (*(q - 1e-4 for q in p), 1.01):
         leading = next((i for i, q in enumerate(p[:3]) if q < threshold), 3)
         drafts = ModelDrafter(backend, min_confidence=threshold).propose(history, 4)[0]
         assert drafts == full[:1 + leading], (threshold, p)
     assert len({len(ModelDrafter(backend, min_confidence=t).propose(history, 4)[0])
-                for t in (*p, 1.01)}) > 2  # the thresholds above cut at different lengths
+                for t in (*(q - 1e-4 for q in p), 1.01)}) > 2  # they cut at different lengths
 
 
 def test_an_ort_draft_on_the_cpu_runs_on_one_intra_op_thread(trained):

@@ -48,7 +48,7 @@ SMALL = ["--preset", "tiny", "--stories", "300", "--block-size", "32", "--n-laye
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    prepare(Source(stories=300), root)
+    prepare(Source.of(stories=300), root)
     return root
 
 
@@ -193,9 +193,12 @@ def test_train_config_from_dict_is_strict():
 
 
 def test_defaults_live_in_one_place():
-    """Source's defaults are TrainConfig's; the 30m recipe is TrainConfig's defaults."""
-    assert (Source.text_field, Source.stories, Source.val_fraction) == \
-        (TrainConfig.text_field, TrainConfig.stories, TrainConfig.val_fraction)
+    """A Source has no defaults of its own: TrainConfig's; the 30m recipe is TrainConfig's
+    defaults."""
+    assert Source.of() == Source.of(TrainConfig())
+    assert (Source.of().text_field, Source.of().seed) == (TrainConfig.text_field, TrainConfig.data_seed)
+    with pytest.raises(TypeError):
+        Source()
     assert recipe("30m") == {k: getattr(TrainConfig(), k) for k in RECIPE_FIELDS}
     assert recipe("tiny")["max_iters"] == 300 and recipe("tiny")["lr"] == 2e-3
 
@@ -291,7 +294,7 @@ def test_evaluation_in_chunks_is_exact(data_root):
     """evaluate() (chunked) against GPT.forward's full logits on the same batches."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
-    data = prepare(Source(stories=300), data_root)
+    data = prepare(Source.of(stories=300), data_root)
     fp32 = select_precision("cpu", "fp32")
     m = evaluate(model, data, batch_size=33, eval_iters=2, seed=5, precision=fp32,
                  device=torch.device("cpu"))  # 33 x 32 = 1056 rows: two chunks per batch
@@ -424,7 +427,7 @@ def test_ddp_data_wait_outlasts_nccls_default_timeout(monkeypatch, tmp_path, ran
     monkeypatch.setattr(dist, "destroy_process_group",
                         lambda group=None: calls.append(("destroy", group)))
     monkeypatch.setattr(training, "prepare", lambda source, root: calls.append(("prepare",)) or root)
-    assert training._prepare_on_rank0(Source(stories=10), "ROOT") == "ROOT"
+    assert training._prepare_on_rank0(Source.of(stories=10), "ROOT") == "ROOT"
     kw = calls[0][1]
     assert kw["backend"] == "gloo" and kw["timeout"] >= datetime.timedelta(hours=1)
     order = [c[0] for c in calls[1:]]
@@ -746,7 +749,7 @@ def test_cuda_mixed_precision_training_smoke(data_root, tmp_path, dtype):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_batches_are_pinned_copies_of_the_cpu_windows(data_root):
-    tokens = prepare(Source(stories=300), data_root).tokens("train")
+    tokens = prepare(Source.of(stories=300), data_root).tokens("train")
     cpu = get_batch(tokens, 8, 32, torch.Generator().manual_seed(1))
     gpu = get_batch(tokens, 8, 32, torch.Generator().manual_seed(1), torch.device("cuda"))
     torch.cuda.synchronize()

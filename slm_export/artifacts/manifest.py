@@ -2,10 +2,10 @@
 
 The manifest is the one place a loader looks: the model config, tokenizer, training step
 and, for every file, its kind (``onnx``, ``onnx_kv``, ``torchscript``, ``torchscript_kv``,
-``hf``, ...), dtype (``fp32``, ``fp16``, ``int8``), size and SHA-256. Nothing is guessed from
-file names: ``Manifest.read(folder).file("onnx_kv", "int8")`` asks the manifest, and hashes
-only the file it returns (a runtime loading one file of a large export need not hash the
-others).
+``aoti_kv``, ``hf``, ...), variant (``registry.VARIANTS``, stored under the key ``dtype``),
+size and SHA-256. Nothing is guessed from file names:
+``Manifest.read(folder).file("onnx_kv", "int8")`` asks the manifest, and hashes only the file
+it returns (a runtime loading one file of a large export need not hash the others).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from slm_export.artifacts.files import atomic_write, sha256_file
 from slm_export.config import GPTConfig
 from slm_export.errors import SlmError, first_line
+from slm_export.registry import VARIANTS
 
 FORMAT = "slm-export-export"
 VERSION = 2  # 2: cache graphs in the per-layer layout of kv_layout.py (1: one packed tensor)
@@ -27,7 +28,6 @@ MANIFEST = "manifest.json"
 # *_config: the files other tools read beside the weights (configs, tokenizer): hf/, onnx/
 KINDS = ("onnx", "onnx_kv", "onnx_config", "torchscript", "torchscript_kv", "aoti_kv", "hf",
          "hf_config")
-DTYPES = ("fp32", "fp16", "int8", "int4")
 
 
 def package_version(name: str) -> str | None:
@@ -68,13 +68,13 @@ class Provenance:
                    int(ckpt.get("step", 0)), None if val_loss is None else float(val_loss),
                    str(path))
 
-    def file_metadata(self, kind: str, dtype: str = "fp32") -> dict[str, str]:
+    def file_metadata(self, kind: str, variant: str = "fp32") -> dict[str, str]:
         """String key/values embedded in every exported file (ONNX ``metadata_props``,
         TorchScript ``_extra_files``), so a file alone says what it is."""
         return {
             "format": FORMAT,
             "kind": kind,
-            "dtype": dtype,
+            "dtype": variant,
             "model_config": json.dumps(self.model_config, sort_keys=True),
             "tokenizer": self.tokenizer,
             "step": str(self.step),
@@ -83,13 +83,13 @@ class Provenance:
         }
 
 
-def file_entry(folder: str | os.PathLike, name: str, kind: str, dtype: str = "fp32") -> dict:
+def file_entry(folder: str | os.PathLike, name: str, kind: str, variant: str = "fp32") -> dict:
     """The manifest record of one file already written in ``folder``."""
-    if kind not in KINDS or dtype not in DTYPES:
-        raise ValueError(f"unknown file kind/dtype {kind}/{dtype}")
+    if kind not in KINDS or variant not in VARIANTS:
+        raise ValueError(f"unknown file kind/variant {kind}/{variant}")
     path = Path(folder) / name
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "kind": kind, "dtype": dtype}
+            "kind": kind, "dtype": variant}
 
 
 def write_manifest(folder: str | os.PathLike, provenance: Provenance, files: dict[str, dict],
@@ -158,17 +158,17 @@ class Manifest:
     def files(self) -> dict[str, dict]:
         return self.data["files"]
 
-    def has(self, kind: str, dtype: str = "fp32") -> bool:
-        return any(e.get("kind") == kind and e.get("dtype") == dtype for e in self.files.values())
+    def has(self, kind: str, variant: str = "fp32") -> bool:
+        return any(e.get("kind") == kind and e.get("dtype") == variant for e in self.files.values())
 
-    def file(self, kind: str, dtype: str = "fp32", verify_hash: bool = True) -> Path:
-        """The path of the file of this kind and dtype, its hash checked; else one line."""
+    def file(self, kind: str, variant: str = "fp32", verify_hash: bool = True) -> Path:
+        """The path of the file of this kind and variant, its hash checked; else one line."""
         for name, entry in self.files.items():
-            if entry.get("kind") == kind and entry.get("dtype") == dtype:
+            if entry.get("kind") == kind and entry.get("dtype") == variant:
                 self._check(name, entry, verify_hash)
                 return self.folder / name
         have = sorted(f"{e.get('kind')}/{e.get('dtype')}" for e in self.files.values())
-        raise SlmError(f"export in {self.folder} has no {kind} file in {dtype} "
+        raise SlmError(f"export in {self.folder} has no {kind} file in {variant} "
                        f"(it has: {', '.join(have) or 'nothing'}); re-export with that format")
 
     def _check(self, name: str, entry: Any, verify_hash: bool) -> None:

@@ -106,3 +106,28 @@ def probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def penalty(text: str) -> float:
+    """--presence-penalty / --frequency-penalty: in [-2, 2], as OpenAI's API takes them."""
+    value = float(text)
+    if not -2 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"must be in [-2, 2], got {text}")
+    return value
+
+
+def logit_bias(text: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS: a token id and a bias in [-100, 100]."""
+    token, sep, bias = text.partition("=")
+    try:
+        pair = int(token), float(bias)
+    except ValueError:
+        pair = None
+    if not sep or pair is None:
+        raise argparse.ArgumentTypeError(f"must be TOKEN_ID=BIAS, got {text!r}")
+    from slm_export.tokenizer import get_encoding
+
+    if not 0 <= pair[0] < get_encoding().n_vocab or not -100 <= pair[1] <= 100:
+        raise argparse.ArgumentTypeError(f"needs a token id of the vocabulary and a bias in "
+                                         f"[-100, 100], got {text!r}")
+    return pair

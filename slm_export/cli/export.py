@@ -6,6 +6,7 @@ from pathlib import Path
 
 from slm_export.cli.common import ArgumentParser, entry_point, non_negative_float, unit_interval
 from slm_export.errors import SlmError
+from slm_export.registry import REDUCED
 
 DEFAULT_CHECKPOINT = Path("artifacts/runs/latest/best.pt")
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "aoti": ("aoti",), "hf": ("hf",),
@@ -38,7 +39,7 @@ def build_parser() -> ArgumentParser:
                    help="check every file against eager PyTorch (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="write the files unchecked (the manifest records verified: false)")
-    g = p.add_argument_group("quality gates of the int8 / int4 / fp16 variants against fp32 on held-out "
+    g = p.add_argument_group("quality gates of the reduced variants against fp32 on held-out "
                              "text (default: each variant's own, in the manifest; these set it "
                              "for every variant)")
     g.add_argument("--min-top1", type=unit_interval, default=None,
@@ -51,7 +52,7 @@ def build_parser() -> ArgumentParser:
                    help="least share of the variant's greedy tokens that fp32 would pick too")
     g.add_argument("--max-logit-error", type=non_negative_float, default=None,
                    help="largest |logit difference| in units of the fp32 logits' std")
-    g.add_argument("--allow-unverified", action="append", choices=["int8", "int4", "fp16"], default=[],
+    g.add_argument("--allow-unverified", action="append", choices=REDUCED, default=[],
                    help="publish this variant unchecked if its check cannot run here "
                         "(recorded in the manifest; a check that runs and fails still fails)")
     return p

@@ -10,24 +10,27 @@ from slm_export.cli.common import (
     ArgumentParser,
     device,
     entry_point,
+    logit_bias,
     non_negative_float,
+    penalty,
+    positive_float,
     positive_int,
     probability,
     seed,
+    unit_interval,
 )
 from slm_export.errors import SlmError
-
-DRAFT_VOCAB_SIZE = 8192  # --draft-vocab's tokens at most; the embedded stories use ~470
 
 DEFAULT_MODEL = Path("artifacts/runs/latest")
 SEPARATOR = "---------------"
 
 
 def build_parser() -> ArgumentParser:
-    from slm_export.runtime import BACKENDS, OVERFLOW_POLICIES
+    from slm_export.registry import NAMES, VARIANTS
+    from slm_export.runtime import OVERFLOW_POLICIES
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
-    p.add_argument("--backend", choices=BACKENDS, default="eager",
+    p.add_argument("--backend", choices=NAMES, default="eager",
                    help="eager/compiled/naive run a checkpoint; torchscript/ort/aoti an export "
                         "folder (default eager)")
     p.add_argument("--model", type=Path, default=None,
@@ -56,14 +59,33 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
-    p.add_argument("--variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
+    p.add_argument("--variant", choices=VARIANTS, default="fp32",
                    help="ONNX model variant for the ort backend, as written by export.py "
                         "--quantize int8|int4 / --dtype fp16 (default fp32)")
-    _add_speculative_args(p, BACKENDS)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample before the first occurrence of TEXT (repeatable, up to 4)")
+    _add_control_args(p)
+    _add_speculative_args(p, NAMES, VARIANTS)
     return p
 
 
-def _add_speculative_args(p: ArgumentParser, backends) -> None:
+def _add_control_args(p: ArgumentParser) -> None:
+    g = p.add_argument_group("sampling controls (as in OpenAI's API; every backend, speculation too)")
+    g.add_argument("--min-p", type=unit_interval, default=None,
+                   help="drop tokens less likely than this share of the most likely one")
+    g.add_argument("--presence-penalty", type=penalty, default=0.0,
+                   help="subtract this from every token generated before (-2..2)")
+    g.add_argument("--frequency-penalty", type=penalty, default=0.0,
+                   help="subtract this times its count from every token generated before (-2..2)")
+    g.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="divide positive / multiply negative logits of every token seen, prompt "
+                        "included, by this (CTRL's penalty; 1 = off)")
+    g.add_argument("--logit-bias", type=logit_bias, action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable)")
+
+
+def _add_speculative_args(p: ArgumentParser, backends, variants) -> None:
+    from slm_export.runtime.draft_vocab import DEFAULT_SIZE
     from slm_export.runtime.speculative import SPECULATIVE
 
     g = p.add_argument_group("speculative decoding (same output distribution, fewer passes)")
@@ -78,7 +100,7 @@ def _add_speculative_args(p: ArgumentParser, backends) -> None:
                    help="a smaller checkpoint or export of the same tokenizer (--speculative draft)")
     g.add_argument("--draft-backend", choices=backends, default=None,
                    help="backend of the draft model (default: --backend)")
-    g.add_argument("--draft-variant", choices=("fp32", "int8", "int4", "fp16"), default="fp32",
+    g.add_argument("--draft-variant", choices=variants, default="fp32",
                    help="ONNX variant of an ort draft model (default fp32); int8 / int4 read "
                         "fewer bytes per guess, and a draft's precision never changes the output")
     g.add_argument("--draft-tokens", type=positive_int, default=4,
@@ -88,8 +110,8 @@ def _add_speculative_args(p: ArgumentParser, backends) -> None:
                    help="an ort draft guesses only the most frequent tokens of this prepared "
                         "data folder's train split (e.g. the one the models trained on): its "
                         "lm_head shrinks to them; the output never changes")
-    g.add_argument("--draft-vocab-size", type=positive_int, default=DRAFT_VOCAB_SIZE,
-                   help=f"tokens --draft-vocab keeps, at most (default {DRAFT_VOCAB_SIZE})")
+    g.add_argument("--draft-vocab-size", type=positive_int, default=DEFAULT_SIZE,
+                   help=f"tokens --draft-vocab keeps, at most (default {DEFAULT_SIZE})")
 
 
 def read_prompts(args) -> list[str]:
@@ -119,13 +141,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
     check_speculative_flags(args)  # before the model loads
+    if len(args.stop) > 4:
+        raise SlmError(f"--stop is given {len(args.stop)} times: 4 at most")
 
     from slm_export.runtime import SamplingConfig, TokenStream, make_generator
-    from slm_export.runtime.base import host_threads
     from slm_export.tokenizer import encode
 
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, greedy=args.greedy)
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+        min_p=args.min_p, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        logit_bias=tuple(args.logit_bias))
     backend = _load(args)
     rows = [p for p in prompts for _ in range(args.num_samples)]
     stream = TokenStream(backend, [encode(p) for p in rows], max_new_tokens=args.max_new_tokens,
@@ -133,8 +159,7 @@ def main(argv=None) -> int:
                          overflow=args.overflow, drafter=_drafter(args, backend),
                          draft_tokens=args.draft_tokens)
     live = sys.stdout.isatty() if args.stream is None else args.stream
-    with host_threads(backend):
-        write_rows(stream, rows, sys.stdout, live)
+    write_rows(stream, rows, sys.stdout, live, args.stop)
     return 0
 
 
@@ -191,33 +216,46 @@ def _drafter(args, backend):
     return ModelDrafter(load_draft(name, args.draft_model, backend, args.draft_variant, vocab))
 
 
-def write_rows(stream, texts: list[str], out, live: bool) -> None:
-    """Print each row's prompt and continuation, rows apart by ``SEPARATOR``.
+def write_rows(stream, texts: list[str], out, live: bool, stops=()) -> None:
+    """Print each row's prompt and continuation, rows apart by ``SEPARATOR``; a row ends
+    before the first of ``stops`` (``runtime.text.StopStrings``).
 
     Every row comes from the one batched stream, so a seed gives the same text streamed or
     not. ``live`` prints one row at a time token by token as it forms; the later rows are
     held back until the rows before them are complete, then printed up to where the batch
     has got and continued live.
     """
-    from slm_export.runtime import TextDecoder
+    from slm_export.runtime.text import StopStrings, TextDecoder
 
     decoders = [TextDecoder() for _ in texts]
+    cut = [StopStrings(stops) for _ in texts]
     held = [[text] for text in texts]  # pieces not printed yet, per row
     current = 0  # the row printed live
     for step in stream:
-        for b, tokens in enumerate(step):
-            held[b].extend(decoders[b].push(token) for token in tokens)
+        for b, tokens in step.items():
+            for token in tokens:
+                piece, stopped = cut[b].push(decoders[b].push(token))
+                held[b].append(piece)
+                if stopped:
+                    stream.finish(b, "stop")
+                    break
         while live:
             out.write("".join(held[current]))
             out.flush()
             held[current] = []
-            if stream.active[current] or current == len(texts) - 1:
+            if current in stream.live or current == len(texts) - 1:
                 break
-            out.write(decoders[current].flush() + f"\n{SEPARATOR}\n")
+            out.write(_tail(decoders[current], cut[current]) + f"\n{SEPARATOR}\n")
             current += 1
-    rest = ["".join(held[b]) + decoders[b].flush() for b in range(current, len(texts))]
+    rest = ["".join(held[b]) + _tail(decoders[b], cut[b]) for b in range(current, len(texts))]
     out.write(f"\n{SEPARATOR}\n".join(rest) + "\n")
     out.flush()
+
+
+def _tail(decoder, cut) -> str:
+    """What a finished row still holds: an incomplete character, a possible stop's start."""
+    piece, _ = cut.push(decoder.flush())
+    return piece + cut.flush()
 
 
 main = entry_point(main)

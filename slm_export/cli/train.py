@@ -93,6 +93,8 @@ def _data_flags(g) -> None:
     g.add_argument("--streaming", action="store_true", default=None,
                    help="read the dataset as a stream (corpora larger than memory), tokenized "
                         "once into the memmaps")
+    g.add_argument("--data-seed", type=seed,
+                   help=f"seed of the embedded stories and of the held-out split (default {D.data_seed})")
     g.add_argument("--data-root", help=f"where tokenized data is cached (default {D.data_root})")
 
 
@@ -144,7 +146,7 @@ def _run_dir_flags(g) -> None:
 
 
 def default_out_dir(preset_name: str, dataset: str) -> Path:
-    name = "stories" if dataset == "stories" else Source(dataset=dataset).name
+    name = "stories" if dataset == "stories" else Source.of(dataset=dataset).name
     return Path("artifacts/runs") / f"{preset_name}-{name}"
 
 

@@ -11,12 +11,11 @@ artifacts layer's and the runtime's business, never this package's.
 from slm_export.export.pipeline import (
     DEFAULT_GATES,
     FORMATS,
-    VARIANTS,
     build,
     check_request,
     gates_with,
 )
 from slm_export.export.verify import QualityGate
 
-__all__ = ["DEFAULT_GATES", "FORMATS", "VARIANTS", "QualityGate", "build", "check_request",
+__all__ = ["DEFAULT_GATES", "FORMATS", "QualityGate", "build", "check_request",
            "gates_with"]

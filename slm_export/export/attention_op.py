@@ -13,7 +13,7 @@ builder and HF optimum's ORT optimizer emit this op family too.
 
 How it gets into the graph: ``KVModule(model, fused_attention=True)`` gives each layer a
 ``FusedCache``, whose ``attend`` calls the custom op ``slm_export::cached_attention``. Its
-eager implementation is the model's own (concat + the mask of ``model._mask_and_positions`` +
+eager implementation is the model's own (concat + the mask of ``model.mask_and_positions`` +
 SDPA), so the module runs and traces like the unfused one; the ONNX exporter translates the
 op with ``TRANSLATIONS``. Only the ONNX export uses it (TorchScript / AOTInductor files must
 not depend on a custom op).
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from slm_export.model import _mask_and_positions, positions
+from slm_export.model import LayerCache, mask_and_positions, positions
 
 
 @torch.library.custom_op("slm_export::cached_attention", mutates_args=())
@@ -47,7 +47,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: 
 
     present_k = torch.cat([past_k, heads(k)], dim=2)
     present_v = torch.cat([past_v, heads(v)], dim=2)
-    mask, _ = _mask_and_positions(positions(q, P, T), P + T, attention_mask)
+    mask, _ = mask_and_positions(positions(q, P, T), P + T, attention_mask)
     y = F.scaled_dot_product_attention(heads(q), present_k, present_v, attn_mask=mask)
     return y.transpose(1, 2).reshape(B, T, C), present_k, present_v
 
@@ -59,14 +59,15 @@ def _(q, k, v, past_k, past_v, attention_mask, n_head):
     return q.new_empty(B, T, C), present, present.new_empty(present.shape)
 
 
-class FusedCache:
-    """One layer's past for ``GPT._hidden`` that runs the whole attention (``attend``) instead
-    of handing keys and values back to the model's SDPA; ``k`` / ``v`` are the present after."""
+class FusedCache(LayerCache):
+    """One layer's past whose ``attend`` runs the whole attention as the custom op (the model's
+    mask is not used: the op builds the same one from the padding mask); ``k`` / ``v`` are
+    the present after."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor):
         self.k, self.v, self.attention_mask = k, v, attention_mask
 
-    def attend(self, q, k, v, n_head: int) -> torch.Tensor:
+    def attend(self, q, k, v, n_head: int, mask=None, dropout_p: float = 0.0) -> torch.Tensor:
         y, self.k, self.v = cached_attention(q, k, v, self.k, self.v, self.attention_mask, n_head)
         return y
 

@@ -1,6 +1,6 @@
 """ONNX export: ``model.onnx`` (all-position logits), ``onnx/model.onnx`` (the cache graph,
 beside the files optimum and onnxruntime-genai read: ``export/onnx_folder.py``), and the
-int8 / fp16 variants of both (``model.<dtype>.onnx``).
+reduced variants of both (``model.<variant>.onnx``: fp16, int8, int4).
 
 Exporter: the dynamo one (``torch.onnx.export(..., dynamo=True)``, via torch.export and
 onnxscript), not the legacy TorchScript-based one. Why:
@@ -167,7 +167,7 @@ def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.Path
             **onnx_folder.write(model.config, folder)}
 
 
-def _rewrite(src: Path, dst: Path, provenance: Provenance, kind: str, dtype: str,
+def _rewrite(src: Path, dst: Path, provenance: Provenance, kind: str, variant: str,
              convert) -> None:
     """Write ``convert(src, tmp)``'s result to ``dst`` with fresh metadata, atomically."""
     tmp = dst.with_name(f".{dst.name}.convert{os.getpid()}")
@@ -176,7 +176,7 @@ def _rewrite(src: Path, dst: Path, provenance: Provenance, kind: str, dtype: str
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
-    save(proto, dst, provenance.file_metadata(kind, dtype))
+    save(proto, dst, provenance.file_metadata(kind, variant))
 
 
 def _prepare_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -290,22 +290,22 @@ def _int4(src: Path, dst: Path) -> None:
 
 
 INT4_BLOCK = 32
-VARIANTS = {"int8": _int8, "int4": _int4, "fp16": _fp16}
+CONVERTERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}  # variant -> its writer
 
 
-def variant_name(name: str, dtype: str) -> str:
+def variant_name(name: str, variant: str) -> str:
     """model.onnx -> model.int8.onnx (in the same folder)."""
-    return name.removesuffix(".onnx") + f".{dtype}.onnx"
+    return name.removesuffix(".onnx") + f".{variant}.onnx"
 
 
 def export_variant(folder: str | os.PathLike, provenance: Provenance,
-                   dtype: str) -> dict[str, str]:
-    """From the fp32 graphs in ``folder``, write their <dtype> variants beside them."""
+                   variant: str) -> dict[str, str]:
+    """From the fp32 graphs in ``folder``, write their <variant> variants beside them."""
     folder = Path(folder)
     written = {}
     for kind, name in GRAPHS.items():
-        target = variant_name(name, dtype)
-        _rewrite(folder / name, folder / target, provenance, kind, dtype, VARIANTS[dtype])
+        target = variant_name(name, variant)
+        _rewrite(folder / name, folder / target, provenance, kind, variant, CONVERTERS[variant])
         written[target] = kind
     return written
 

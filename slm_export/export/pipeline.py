@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from slm_export import registry
 from slm_export.artifacts.files import publish_folder, staging_folder
 from slm_export.artifacts.manifest import MANIFEST, Manifest, Provenance, file_entry, write_manifest
 from slm_export.errors import SlmError
@@ -24,12 +25,10 @@ from slm_export.export import torchscript
 from slm_export.export.verify import QualityGate, verify_folder
 
 FORMATS = ("onnx", "torchscript", "aoti", "hf")
-VARIANTS = ("int8", "int4", "fp16")  # reduced-precision ONNX files, derived from model.onnx
 DEFAULT_FORMATS = ("onnx", "torchscript")
-# Measured on the trained tiny test model (tests/conftest.py, trained_ckpt): int8 top-1 98.2%,
-# loss delta 0.002, KL 3e-4, greedy 97.7%; int4 top-1 93.4%, delta 0.011, KL 0.005, greedy
-# 92.5%; fp16 100%, KL < 1e-6, logit error 0.004 x std. A shuffled or scaled weight misses
-# them (tests/test_export.py).
+# Each reduced variant's gate against fp32 on held-out text (verify.QualityGate): a correct
+# conversion of a briefly trained model clears them, a shuffled or scaled weight misses them
+# (tests/test_export.py). The bench checks its variants against the same thresholds.
 DEFAULT_GATES = {
     "int8": QualityGate(min_top1=0.95, max_loss_delta=0.05, max_kl=0.01, min_greedy_agreement=0.9),
     "int4": QualityGate(min_top1=0.9, max_loss_delta=0.05, max_kl=0.02, min_greedy_agreement=0.85),
@@ -46,13 +45,14 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
           report: Callable[[str], None] | None = None) -> Manifest:
     """Export ``source`` (a weights checkpoint path, or a GPT) into ``out_dir``.
 
-    ``out_dir`` defaults to ``<checkpoint folder>/export``. ``variants`` adds int8 / fp16
-    ONNX files (they need "onnx" in ``formats``). With ``verify`` every file is checked
-    against eager PyTorch and each variant against its ``gates`` entry (``DEFAULT_GATES``);
-    the served files run on ``device``, and "aoti" (``model_kv.pt2``, not a default: it
-    compiles C++) is compiled for it. A variant whose check cannot run fails the export
-    unless it is in ``allow_unverified`` (the manifest then records why it was not checked).
-    ``report`` receives one line per step; the manifest records ``verified``.
+    ``out_dir`` defaults to ``<checkpoint folder>/export``. ``variants`` adds reduced ONNX
+    files (``registry.REDUCED``: int8, int4, fp16; they need "onnx" in ``formats``). With
+    ``verify`` every file is checked against eager PyTorch and each variant against its
+    ``gates`` entry (``DEFAULT_GATES``); the served files run on ``device``, and "aoti"
+    (``model_kv.pt2``, not a default: it compiles C++) is compiled for it. A variant whose
+    check cannot run fails the export unless it is in ``allow_unverified`` (the manifest
+    then records why it was not checked). ``report`` receives one line per step; the
+    manifest records ``verified``.
     Returns the published folder's manifest; raises ``SlmError`` on any failure.
     """
     check_request(formats, variants, opset, allow_unverified)
@@ -78,7 +78,7 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
 def check_request(formats: Sequence[str], variants: Sequence[str], opset: int,
                   allow_unverified: Sequence[str] = ()) -> None:
     """Refuse an impossible request before any work (one-line ``SlmError``)."""
-    unknown = [f for f in formats if f not in FORMATS] + [v for v in variants if v not in VARIANTS]
+    unknown = [f for f in formats if f not in FORMATS] + [v for v in variants if v not in registry.REDUCED]
     if unknown:
         raise SlmError(f"unknown export format or variant {unknown[0]!r}")
     if variants and "onnx" not in formats:
@@ -102,7 +102,7 @@ def gates_with(**thresholds: float | None) -> dict[str, QualityGate]:
     """``DEFAULT_GATES`` with the given ``QualityGate`` thresholds set for every variant
     (None: keep each variant's default)."""
     given = {name: value for name, value in thresholds.items() if value is not None}
-    return {dtype: dataclasses.replace(gate, **given) for dtype, gate in DEFAULT_GATES.items()}
+    return {variant: dataclasses.replace(gate, **given) for variant, gate in DEFAULT_GATES.items()}
 
 
 def _load(source) -> tuple[torch.nn.Module, Provenance]:
@@ -136,9 +136,9 @@ def _write_files(model, provenance: Provenance, folder: Path, formats, variants,
     if "onnx" in formats:
         written = onnx_export.export(model, provenance, folder, opset)
         kinds.update({name: (kind, "fp32") for name, kind in written.items()})
-        for dtype in variants:
-            written = onnx_export.export_variant(folder, provenance, dtype)
-            kinds.update({name: (kind, dtype) for name, kind in written.items()})
+        for variant in variants:
+            written = onnx_export.export_variant(folder, provenance, variant)
+            kinds.update({name: (kind, variant) for name, kind in written.items()})
     if "torchscript" in formats:
         written = torchscript.export(model, provenance, folder)
         kinds.update({name: (kind, "fp32") for name, kind in written.items()})
@@ -151,4 +151,4 @@ def _write_files(model, provenance: Provenance, folder: Path, formats, variants,
         from slm_export.export import hf
 
         kinds.update({name: (kind, "fp32") for name, kind in hf.export(model, folder).items()})
-    return {name: file_entry(folder, name, kind, dtype) for name, (kind, dtype) in kinds.items()}
+    return {name: file_entry(folder, name, kind, variant) for name, (kind, variant) in kinds.items()}

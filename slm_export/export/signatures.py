@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from slm_export.export.attention_op import FusedCache
-from slm_export.model import KVCache, positions_from_mask
+from slm_export.model import positions_from_mask
 
 
 class LogitsModule(torch.nn.Module):
@@ -71,16 +71,6 @@ def kv_inputs(config, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
     return ids, mask, position_ids, kv, torch.tensor(2)
 
 
-class _CallerCache:
-    """One layer's caller-owned (B, n_head, block_size, head_dim) keys and values, written in
-    place at ``input_pos`` exactly as ``KVCache`` writes its own buffers."""
-
-    update = KVCache.update
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-
-
 class StaticKVModule(torch.nn.Module):
     """``GPT.forward_static`` over caches passed in as inputs (the export mutates them)."""
 
@@ -92,9 +82,7 @@ class StaticKVModule(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 input_pos: torch.Tensor, logits_index: torch.Tensor,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        caches = [_CallerCache(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
-        return self.model.forward_static(input_ids, input_pos, caches, attention_mask,
-                                         logits_index=logits_index)
+        return self.model.forward_static(input_ids, input_pos, cache, attention_mask, logits_index)
 
 
 def static_kv_inputs(config, batch: int = 2, seq: int = 5, kept: int = 2, device=None) -> tuple:

@@ -6,13 +6,16 @@
 - ``onnx/``'s configs must describe the cache graph beside them (names, sizes), and its
   tokenizer, opened by ``tokenizers``, must give our ids (``onnx_folder.verify``).
 - Cache files are opened the way the runtime serves them (``runtime.load_backend`` on the
-  folder) and driven through the Backend contract (``prefill`` / ``decode``) beside the
-  eager backend, then through the one generation loop (``runtime.generate``): what ships is
-  exactly what was verified, by the code that will run it.
-- Reduced-precision variants (int8, fp16) are measured against fp32 on held-out text (top-1
-  agreement, loss delta and KL divergence on both graphs, the largest logit difference, and
-  fp32's agreement with the variant's own greedy continuation) and held to a ``QualityGate``;
-  a check that cannot run is an error unless the caller allows that variant unverified.
+  folder) and driven through the Backend contract beside the eager backend
+  (``runtime.parity``), then through the one generation loop: what ships is exactly what
+  was verified, by the code that will run it.
+- Reduced-precision variants (``registry.REDUCED``: fp16, int8, int4) are measured against
+  fp32 on held-out text (top-1 agreement, loss delta and KL divergence on both graphs, the
+  largest logit difference, and fp32's agreement with the variant's own greedy
+  continuation) and held to a ``QualityGate``; a check that cannot run is an error unless
+  the caller allows that variant unverified.
+- fp32 files are held to ``TOLERANCE``; on CUDA, ONNX Runtime runs with TF32 off
+  (``ort.py``), so that holds there too.
 A failed check raises ``SlmError`` naming the file and the diverging shape.
 """
 
@@ -23,20 +26,21 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import onnx
 import torch
 from torch.nn import functional as F
 
+from slm_export import registry
 from slm_export.artifacts.loaders import load_torchscript, ort_session
 from slm_export.artifacts.manifest import Manifest
 from slm_export.errors import SlmError, first_line
 from slm_export.export import onnx_folder
 from slm_export.export.signatures import LogitsModule
-from slm_export.runtime import GREEDY, Backend, State, backend_for_model, generate, load_backend
+from slm_export.runtime import Backend, backend_for_model, load_backend, parity
+from slm_export.runtime.parity import Lockstep
 
-TOLERANCE = 1e-4  # max |logit difference| for fp32 files
+TOLERANCE = 1e-4  # max |logit difference| for fp32 files (contract cases)
 BATCHES = (1, 3)
 LENGTHS = (1, 7, 64, 128)
 KV_CASES = ((0, 1), (0, 7), (1, 1), (31, 7), (64, 16), (100, 28), (127, 1))  # (past, new)
@@ -126,27 +130,21 @@ def _contract_cases(config, batches, cases, g):
 @torch.inference_mode()
 def compare_backend(reference: Backend, backend: Backend, label: str, batches=BATCHES,
                     cases=KV_CASES, tol: float = TOLERANCE, seed: int = 0) -> dict:
-    """``backend`` against ``reference`` through prefill and decode on every case.
-
-    -> {"max_abs_diff", "shapes"}.
-    """
+    """``backend`` against ``reference`` (in ``parity.Lockstep``) through prefill and forward
+    on every case: every call's logits within ``tol``. -> {"max_abs_diff", "shapes"}."""
     g = torch.Generator().manual_seed(seed)
     worst, n = 0.0, 0
     for what, prefix, mask, new in _contract_cases(reference.config, batches, cases, g):
-        want, s_want = reference.prefill(prefix.to(reference.device), _to(mask, reference))
-        have, s_have = backend.prefill(prefix.to(backend.device), _to(mask, backend))
-        step = what if new is None else f"{what} (prefill)"
-        worst = max(worst, _diff(label, step, have, want, tol))
+        pair = Lockstep(backend, reference)
+        _, state = pair.prefill(prefix.to(backend.device), None if mask is None else mask.to(backend.device))
         if new is not None:
-            want, _ = reference.decode(new.to(reference.device), s_want)
-            have, _ = backend.decode(new.to(backend.device), s_have)
-            worst = max(worst, _diff(label, what, have, want, tol))
+            pair.forward(new.to(backend.device), state)
+        for step, when in zip(pair.steps, (" (prefill)" if new is not None else "", ""), strict=False):
+            if not step.diff <= tol:  # also catches NaN
+                raise SlmError(f"{label}: {what}{when}: max |diff| vs eager {step.diff:.3g} > {tol:g}")
+            worst = max(worst, step.diff)
         n += 1
     return {"max_abs_diff": worst, "shapes": n}
-
-
-def _to(mask: torch.Tensor | None, backend: Backend) -> torch.Tensor | None:
-    return None if mask is None else mask.to(backend.device)
 
 
 def generation_prompts(config, seed: int = 0) -> list[list[int]]:
@@ -155,79 +153,15 @@ def generation_prompts(config, seed: int = 0) -> list[list[int]]:
     return [tokens[:n] for n in (3, 11, 24)][:max(1, config.block_size // 8)]
 
 
-class Step(NamedTuple):
-    """One call of a ``Lockstep`` pair, per row: whether the argmaxes agree, and the margin by
-    which the reference prefers its argmax over the backend's (0 where they agree); for the
-    call: the largest |logit difference| and the std of the reference's logits (their scale)."""
-
-    agree: torch.Tensor
-    gap: torch.Tensor
-    diff: float
-    scale: float
-
-
-class Lockstep:
-    """``backend`` for the generation loop, with ``reference`` fed the same ids at every call
-    (prefill and decode only: no drafter): the reference is teacher-forced along the
-    backend's own continuation, overflow re-prefills included. ``steps`` holds a ``Step``
-    per call."""
-
-    def __init__(self, backend: Backend, reference: Backend):
-        self.backend, self.reference = backend, reference
-        self.name, self.config, self.device = backend.name, backend.config, backend.device
-        self.steps: list[Step] = []
-
-    def _step(self, have, s_have, want, s_want) -> tuple[torch.Tensor, State]:
-        h, w = have.float().cpu(), want.float().cpu()
-        picked = h.argmax(-1, keepdim=True)
-        gap = (w.max(-1).values - w.gather(-1, picked).squeeze(-1)).clamp(min=0)
-        diff = (h - w).abs().max().item() if w.numel() else 0.0
-        self.steps.append(Step(picked.squeeze(-1) == w.argmax(-1), gap, diff, w.std().item()))
-        return have, State(s_have.length, (s_have, s_want))
-
-    def prefill(self, ids, attention_mask=None):
-        ref = self.reference
-        want, s_want = ref.prefill(ids.to(ref.device), _to(attention_mask, ref))
-        return self._step(*self.backend.prefill(ids, attention_mask), want, s_want)
-
-    def decode(self, tokens, state):
-        s_have, s_want = state.cache
-        want, s_want = self.reference.decode(tokens.to(self.reference.device), s_want)
-        return self._step(*self.backend.decode(tokens, s_have), want, s_want)
-
-
 def compare_generation(reference: Backend, backends: dict[str, Backend],
-                       prompts: Sequence[Sequence[int]], new_tokens: int = GENERATION_TOKENS,
-                       tol: float = TOLERANCE) -> dict:
-    """The same greedy tokens from the one loop on every backend as on ``reference``, for a
-    left-padded batch that crosses the window (so the overflow re-prefill runs too); except
-    at a tie, where the reference scores both tokens within ``tol`` and float noise may pick
-    either (``check_ties``). -> {"tokens", "rows", "backends", "ties": {backend: count}}."""
-    kw = dict(max_new_tokens=new_tokens, sampling=GREEDY, stop_id=None)
-    want = generate(reference, prompts, **kw).tokens
-    ties = {}
-    for name, backend in backends.items():
-        same = generate(backend, prompts, **kw).tokens == want
-        ties[name] = 0 if same else check_ties(name, reference, backend, prompts, new_tokens, tol)
+                       prompts: Sequence[Sequence[int]], new_tokens: int = GENERATION_TOKENS) -> dict:
+    """Every backend's greedy continuation of a left-padded batch that crosses the window (so
+    the overflow re-prefill runs too) beside ``reference`` (``parity.greedy``, checked: the
+    reference's own tokens, except at a tie float noise may pick either).
+    -> {"tokens", "rows", "backends", "ties": {backend: count}}."""
+    ties = {name: parity.greedy(reference, backend, prompts, new_tokens).check().tie_count
+            for name, backend in backends.items()}
     return {"tokens": new_tokens, "rows": len(prompts), "backends": sorted(backends), "ties": ties}
-
-
-def check_ties(name: str, reference: Backend, backend: Backend, prompts: Sequence[Sequence[int]],
-               new_tokens: int, tol: float) -> int:
-    """``backend``'s greedy continuation with ``reference`` in lockstep: every token must be
-    the reference's argmax or score within ``tol`` of it, and every step's logits match
-    within ``tol``; -> how many tokens were picked at a tie. Raises ``SlmError``."""
-    pair = Lockstep(backend, reference)
-    generate(pair, prompts, max_new_tokens=new_tokens, sampling=GREEDY, stop_id=None)
-    for token, step in enumerate(pair.steps):
-        if not bool((step.gap <= tol).all()):
-            raise SlmError(f"{name}: greedy continuation differs from eager at token {token} "
-                           f"of row {int(step.gap.argmax())} ({len(prompts)} prompts, "
-                           f"{new_tokens} new tokens)")
-        if not step.diff <= tol:
-            raise SlmError(f"{name}: greedy continuation, token {token}: max |diff| vs eager "
-                           f"{step.diff:.3g} > {tol:g}")
-    return sum(int(step.agree.logical_not().sum()) for step in pair.steps)
 
 
 # -- reduced-precision variants: quality on real text rather than an exact match --------------
@@ -283,46 +217,15 @@ def held_out_tokens(config, rows: int = 4, start: int = 1_000_000) -> torch.Tens
     return torch.tensor(ids[:need]).view(rows, -1)
 
 
-@torch.inference_mode()
-def teacher_forced(reference: Backend, backend: Backend, tokens: torch.Tensor) -> dict:
-    """Both backends fed the true ``tokens`` (B, T): prefill half, then decode one token at a
-    time. -> top-1 agreement of their next-token argmax and each one's loss on the second half."""
-    half = tokens.size(1) // 2
-    want, s_want = reference.prefill(tokens[:, :half].to(reference.device), None)
-    have, s_have = backend.prefill(tokens[:, :half].to(backend.device), None)
-    agree, nll_want, nll_have, kl = [], [], [], []
-    for t in range(half, tokens.size(1)):
-        want, have, target = want.float().cpu(), have.float().cpu(), tokens[:, t]
-        agree.append(have.argmax(-1) == want.argmax(-1))
-        nll_want.append(F.cross_entropy(want, target, reduction="none"))
-        nll_have.append(F.cross_entropy(have, target, reduction="none"))
-        kl.append(kl_divergence(want, have))
-        if t + 1 < tokens.size(1):
-            want, s_want = reference.decode(target.to(reference.device), s_want)
-            have, s_have = backend.decode(target.to(backend.device), s_have)
-    return {"top1": torch.stack(agree).float().mean().item(),
-            "loss_fp32": torch.stack(nll_want).mean().item(),
-            "loss": torch.stack(nll_have).mean().item(), "kl": torch.stack(kl).mean().item()}
-
-
-def kl_divergence(want: torch.Tensor, have: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(want) || softmax(have)) in nats for each row of (..., V) logits."""
-    log_p, log_q = F.log_softmax(want.float(), -1), F.log_softmax(have.float(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def greedy_agreement(reference: Backend, backend: Backend, prompts: Sequence[Sequence[int]],
                      new_tokens: int = GENERATION_TOKENS) -> dict:
     """The variant's greedy continuation of a left-padded batch through the one loop (across
     the window), with fp32 teacher-forced along it: the share of steps where fp32 would
     have picked the same token, and how many tokens each row matched fp32's own greedy text
     (its first disagreement: up to there both continuations are the same)."""
-    pair = Lockstep(backend, reference)
-    generate(pair, prompts, max_new_tokens=new_tokens, sampling=GREEDY, stop_id=None)
-    agree = torch.stack([step.agree for step in pair.steps])  # (steps, rows)
-    first = [int(col.logical_not().nonzero()[0]) if not col.all() else len(col) for col in agree.T]
-    return {"greedy_agreement": agree.float().mean().item(), "greedy_tokens": agree.numel(),
-            "greedy_identical_tokens": first}
+    report = parity.greedy(reference, backend, prompts, new_tokens)
+    return {"greedy_agreement": report.agreement, "greedy_tokens": report.tokens,
+            "greedy_identical_tokens": [new_tokens if t is None else t for t in report.ties]}
 
 
 def measure_variant(model, run: LogitsRunner, reference: Backend, backend: Backend,
@@ -336,11 +239,11 @@ def measure_variant(model, run: LogitsRunner, reference: Backend, backend: Backe
     logits = run(x).float()
     ref_loss = F.cross_entropy(ref.flatten(0, 1), y.flatten()).item()
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-    kv = teacher_forced(reference, backend, tokens)
+    kv = parity.teacher_forced(reference, backend, tokens)
     return {
         "loss_fp32": ref_loss, "loss": loss, "loss_delta": loss - ref_loss,
         "top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-        "kl": kl_divergence(ref, logits).mean().item(),
+        "kl": parity.kl_divergence(ref, logits).mean().item(),
         "logit_error": ((logits - ref).abs().max() / ref.std()).item(),
         "kv_loss_delta": kv["loss"] - kv["loss_fp32"], "kv_top1_agreement": kv["top1"],
         "kv_kl": kv["kl"],
@@ -352,7 +255,6 @@ def measure_variant(model, run: LogitsRunner, reference: Backend, backend: Backe
 # -- a whole folder -----------------------------------------------------------------------------
 
 FULL_SEQUENCE_KINDS = ("onnx", "torchscript", "hf")
-SERVED_KINDS = {"onnx_kv": "ort", "torchscript_kv": "torchscript", "aoti_kv": "aoti"}  # kind -> backend
 
 
 def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str, QualityGate],
@@ -361,7 +263,7 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
     """Every check for the files ``folder``'s manifest lists; -> results for the manifest.
 
     ``model`` is the eager fp32 GPT (on the CPU) the files were exported from; the served
-    files run on ``device``. Each variant is held to ``gates[dtype]``; a variant in
+    files run on ``device``. Each variant is held to ``gates[variant]``; a variant in
     ``allow_unverified`` may be published unchecked when its check cannot run. Raises
     ``SlmError``.
     """
@@ -376,11 +278,11 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
     device = torch.device(device)
     eager = backend_for_model("eager", model if device.type == "cpu" else copy.deepcopy(model).to(device))
     served = {}
-    for kind, name in SERVED_KINDS.items():
-        if manifest.has(kind):
-            served[name] = load_backend(name, folder, device)
-            label = manifest.file(kind).relative_to(folder).as_posix()
-            results[label] = compare_backend(eager, served[name], name)
+    for spec in registry.BACKENDS.values():  # the files a backend serves, through it
+        if not spec.from_checkpoint and manifest.has(spec.loads):
+            served[spec.name] = load_backend(spec.name, folder, device)
+            label = manifest.file(spec.loads).relative_to(folder).as_posix()
+            results[label] = compare_backend(eager, served[spec.name], spec.name)
     for name, r in results.items():
         report(f"verified {name} on {r['shapes']} shapes: max |diff| vs eager {r['max_abs_diff']:.2g}")
     if manifest.has("hf"):
@@ -399,39 +301,39 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
         ties = sum(r["ties"].values())
         report(f"greedy {GENERATION_TOKENS}-token continuations of a padded batch identical: "
                f"eager, {', '.join(sorted(served))}"
-               + (f" (but {ties} tie(s) within {TOLERANCE:g})" if ties else ""))
-    for dtype in variants:
-        results[dtype] = verify_variant(model, manifest, dtype, eager, gates[dtype],
-                                        dtype in allow_unverified, report)
+               + (f" (but {ties} tie(s) within {parity.REL_TOL:g} x the logits' std)" if ties else ""))
+    for variant in variants:
+        results[variant] = verify_variant(model, manifest, variant, eager, gates[variant],
+                                        variant in allow_unverified, report)
     return results
 
 
-def verify_variant(model, manifest: Manifest, dtype: str, eager: Backend, gate: QualityGate,
+def verify_variant(model, manifest: Manifest, variant: str, eager: Backend, gate: QualityGate,
                    allow_unverified: bool = False, report=None) -> dict:
-    """The ``dtype`` variant's two ONNX files measured against fp32 (``measure_variant``, on
+    """The ``variant``'s two ONNX files measured against fp32 (``measure_variant``, on
     ``eager``'s device) and held to ``gate``; -> the manifest's record (measurements,
     providers, gate). A check that cannot run (ONNX Runtime cannot load or run a file here)
     raises ``SlmError`` unless ``allow_unverified``: then the record says why it did not run.
     """
     report = report or (lambda line: None)
     try:
-        backend = load_backend("ort", manifest.folder, eager.device, variant=dtype)
-        run = logits_runner(manifest, "onnx", dtype)
+        backend = load_backend("ort", manifest.folder, eager.device, variant=variant)
+        run = logits_runner(manifest, "onnx", variant)
         measured = measure_variant(model, run, eager, backend, held_out_tokens(model.config),
                                    generation_prompts(model.config))
     except Exception as e:  # ONNX Runtime raises its own types (Fail, NotImplemented, ...)
         reason = str(e) if isinstance(e, SlmError) else f"{type(e).__name__}: {first_line(e)}"
         if not allow_unverified:
-            raise SlmError(f"{dtype} variant: its quality check could not run ({reason}); "
-                           f"--allow-unverified {dtype} publishes it unchecked") from None
-        report(f"{dtype}: NOT verified, its check could not run ({reason}); published as "
-               f"--allow-unverified {dtype} asks")
-        return {"dtype": dtype, "verified": False, "reason": reason, "allow_unverified": True}
-    result = {"dtype": dtype, "verified": True, **measured,
+            raise SlmError(f"{variant} variant: its quality check could not run ({reason}); "
+                           f"--allow-unverified {variant} publishes it unchecked") from None
+        report(f"{variant}: NOT verified, its check could not run ({reason}); published as "
+               f"--allow-unverified {variant} asks")
+        return {"dtype": variant, "verified": False, "reason": reason, "allow_unverified": True}
+    result = {"dtype": variant, "verified": True, **measured,
               "providers": backend.session.get_providers(), "gate": asdict(gate)}
-    gate.check(f"{dtype} variant", result)
+    gate.check(f"{variant} variant", result)
     r = result
-    report(f"{dtype}: held-out loss {r['loss_fp32']:.4f} -> {r['loss']:.4f} (delta "
+    report(f"{variant}: held-out loss {r['loss_fp32']:.4f} -> {r['loss']:.4f} (delta "
            f"{r['loss_delta']:+.4f}, cache graph {r['kv_loss_delta']:+.4f}), top-1 agreement "
            f"{r['top1_agreement']:.1%} (cache graph {r['kv_top1_agreement']:.1%}), greedy "
            f"agreement {r['greedy_agreement']:.1%}, max logit error {r['logit_error']:.2g} x std: "

@@ -2,13 +2,17 @@
 vocabulary, as FR-Spec does for large vocabularies).
 
 A small draft's cost per guess is mostly its lm_head: the tiny preset's (50257 x 128) is
-most of its weights, and its ort int4 step took half an int8 30m step (bench/RESULTS.md).
+most of its weights.
 The stories the models learn use a few hundred distinct tokens, so the draft scores only
 the most frequent tokens of a prepared data folder's train split: the ONNX graph's lm_head
 weight keeps those rows, and the drafter maps its picks back to token ids. The target
 still verifies every guess, so the output never changes; a token outside the list can only
 be missed as a guess, never lost. (The drafter's confidence stop then reads probabilities
 normalised over the list: a little higher than over the whole vocabulary.)
+
+The cut graph is rewritten at load time, after the file's SHA-256 check, so it is checked
+before it is served (``check_restricted``): its logits must be the full graph's at the kept
+tokens, on a probe of the kept tokens themselves.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from slm_export.artifacts import kv_layout
 from slm_export.data import TokenData
 from slm_export.errors import SlmError
 from slm_export.tokenizer import EOT_ID
 
+DEFAULT_SIZE = 8192  # tokens kept at most: room for real text (the embedded stories use far fewer)
 
-def frequent_tokens(data_folder: str | os.PathLike, size: int) -> torch.Tensor:
+
+def frequent_tokens(data_folder: str | os.PathLike, size: int = DEFAULT_SIZE) -> torch.Tensor:
     """The ``size`` most frequent token ids of ``data_folder``'s train split, plus
     <|endoftext|>, in increasing id order (int64)."""
     if size < 1:
@@ -93,3 +100,33 @@ def _rows(tensor: onnx.TensorProto, rows: np.ndarray, axis: int, vocab_size: int
     flat = array.ndim == 1
     cut = np.take(array.reshape(vocab_size, -1) if flat else array, rows, axis=axis)
     return np.ascontiguousarray(cut.reshape(-1) if flat else cut)
+
+
+PROBE_TOKENS = 16
+CUT_TOLERANCE = 1e-3  # x the std of the full graph's logits at the kept tokens
+
+
+def check_restricted(full: onnx.ModelProto, cut: bytes, ids: torch.Tensor, config, path) -> None:
+    """The cut graph's logits against the full graph's at ``ids``, on a prefill of up to
+    PROBE_TOKENS of the kept tokens (CPU, one thread); ``SlmError`` where they differ."""
+    from slm_export.artifacts.loaders import ort_session
+
+    tokens = ids[:PROBE_TOKENS].view(1, -1).numpy()
+    T, c = tokens.shape[1], config
+    feeds = {"input_ids": tokens, "attention_mask": np.ones((1, T), np.int64),
+             "position_ids": np.arange(T, dtype=np.int64)[None],
+             **{name: np.zeros((1, c.n_head, 0, c.head_dim), _kv_type(full))
+                for name in kv_layout.past_names(c.n_layer)}}
+    want = ort_session(full.SerializeToString(), threads=1).run(["logits"], feeds)[0][..., ids.numpy()]
+    have = ort_session(cut, threads=1).run(["logits"], feeds)[0]
+    error = float(np.abs(have - want).max()) if have.shape == want.shape else float("inf")
+    if not error <= CUT_TOLERANCE * float(want.std()):
+        raise SlmError(f"{path}: its lm_head cut to the draft vocabulary changes the kept tokens' "
+                       f"logits (max |diff| {error:.3g}); this graph's layout is not one "
+                       "draft_vocab knows")
+
+
+def _kv_type(model: onnx.ModelProto):
+    """numpy dtype of the graph's past inputs (fp16 graphs keep an fp16 cache)."""
+    past = next(v for v in model.graph.input if v.name == kv_layout.past_names(1)[0])
+    return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)

@@ -1,9 +1,9 @@
 """naive: no cache, the whole window is recomputed at every step (the references' way).
 
 This is the yardstick the benchmarks measure the cached backends against. Tokens live in a
-(B, block_size) buffer owned by the state; each step writes the new column(s) and runs
-``GPT.forward`` on the filled part. Padded batches go through ``forward_kv`` with an empty
-cache, which is the same full recompute with a padding mask.
+(B, block_size) buffer owned by the state; each step writes the new column(s) into a copy
+and runs the model on the filled part (``GPT.forward`` without padding, ``forward_kv`` with
+an empty cache and the padding mask otherwise: the same full recompute).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from slm_export.model import GPT
-from slm_export.runtime.base import State, check_prefill, check_rewind, decode_rows, window_mask
+from slm_export.runtime.base import Cached
 
 
-class NaiveBackend:
+class NaiveBackend(Cached):
     name = "naive"
 
     def __init__(self, model: GPT):
@@ -22,42 +22,32 @@ class NaiveBackend:
         self.config = model.config
         self.device = model.lm_head.weight.device
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, keep: int = 1) -> torch.Tensor:
-        """Logits (B, keep, V) of the last ``keep`` positions, recomputing the whole window."""
-        if mask is None and keep == 1:
+    def _empty(self, B: int) -> torch.Tensor:
+        return torch.zeros(B, self.config.block_size, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def _forward(self, rows, state, every):
+        n, K = state.length + rows.size(1), rows.size(1)
+        window = state.cache.clone()  # the old state keeps its tokens (states are values)
+        window[:, state.length:n] = rows
+        ids = window[:, :n]
+        if state.mask is None and not every:
             logits, _ = self.model(ids)  # (B, 1, V), the causal fast path
-            return logits.float()
-        logits, _ = self.model.forward_kv(ids, self.model.empty_kv(ids.size(0)), mask,
-                                          logits_to_keep=keep)
-        return logits.float()
+        else:
+            mask = None if state.mask is None else state.mask[:, :n]
+            logits, _ = self.model.forward_kv(ids, self.model.empty_kv(ids.size(0)), mask,
+                                              logits_to_keep=K if every else 1)
+        return logits.float(), window
 
-    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        check_prefill(ids, self.config.block_size)
-        B, T = ids.shape
-        window = torch.empty(B, self.config.block_size, dtype=torch.long, device=self.device)
-        window[:, :T] = ids
-        mask = window_mask(attention_mask, B, self.config.block_size, self.device)
-        logits = self._forward(window[:, :T], None if mask is None else mask[:, :T])
-        return logits[:, -1], State(T, (window, mask))
+    def _take(self, window, rows, start, length, mask):
+        out = self._empty(len(rows))
+        out[:, :length] = window.index_select(0, rows)[:, start:start + length]
+        return out
 
-    def score(self, tokens: torch.Tensor, state: State):
-        rows = decode_rows(tokens, state, self.config.block_size)
-        window, mask = state.cache
-        n = state.length + rows.size(1)
-        window = window.clone()  # the old state keeps its tokens (states are values)
-        window[:, state.length:n] = rows
-        logits = self._forward(window[:, :n], None if mask is None else mask[:, :n], rows.size(1))
-        return logits, State(n, (window, mask))
-
-    def decode(self, tokens: torch.Tensor, state: State):
-        rows = decode_rows(tokens, state, self.config.block_size)
-        window, mask = state.cache
-        n = state.length + rows.size(1)
-        window = window.clone()
-        window[:, state.length:n] = rows
-        logits = self._forward(window[:, :n], None if mask is None else mask[:, :n])
-        return logits[:, -1], State(n, (window, mask))
-
-    def rewind(self, state: State, length: int) -> State:
-        check_rewind(state, length)
-        return State(length, state.cache)  # tokens past ``length`` are never read
+    def _stack(self, parts, length, mask):
+        out = torch.cat([self._empty(w.size(0)) for w, _, _ in parts])
+        row = 0
+        for window, shift, n in parts:
+            out[row:row + window.size(0), shift:shift + n] = window[:, :n]
+            row += window.size(0)
+        return out

@@ -1,10 +1,8 @@
 """N-gram counts of a prepared data folder: drafts for prompt lookup where the row's own text
 has no repeat to copy (what llama.cpp calls a static lookup cache).
 
-A row's own history predicts little of a 200-token story: prompt lookup drafted ~1.4 tokens
-per step on the bench model's continuations whatever the match length or draft count
-(``bench/ngram_drafts.py``; an oracle knowing the answer ~2.1). The text a model was
-trained on predicts much more of what it writes. ``NgramTable`` counts, for every 1- to
+A row's own history predicts little of a short story; the text a model was trained on
+predicts much more of what it writes. ``NgramTable`` counts, for every 1- to
 3-token context of the train split, which token follows; a draft extends the row's last
 tokens one guess at a time with the longest context it knows, and stops where that
 context's most frequent follower has less than ``min_share`` of its count. The target
@@ -25,7 +23,7 @@ from slm_export.data import TokenData
 from slm_export.errors import SlmError
 
 MAX_CONTEXT = 3  # tokens: 3 x 16 bits of key, and the follower's 16 bits, fit in a uint64
-MAX_TOKENS = 1 << 24  # of the train split counted: ~3 s and ~0.5 GB here, a 10 MB table
+MAX_TOKENS = 1 << 24  # of the train split counted: bounds the build's time and memory
 
 
 def _pack(windows: list[np.ndarray]) -> np.ndarray:

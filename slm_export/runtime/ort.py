@@ -1,4 +1,5 @@
-"""ort: ONNX Runtime on the exported cache graph ``onnx/model.onnx`` (or its int8 / fp16 variant).
+"""ort: ONNX Runtime on the exported cache graph ``onnx/model.onnx`` (or a reduced variant:
+``model.fp16.onnx``, ``model.int8.onnx``, ``model.int4.onnx``).
 
 The graph's signature is ``artifacts/kv_layout.py`` (per-layer past / present, position ids,
 ``logits_to_keep``). Every call goes through IO binding on every device: inputs and outputs
@@ -45,15 +46,19 @@ class OrtBackend(GraphBackend):
     dense_cache = True  # bound by pointer
     # A generation on this backend runs with one torch thread on the CPU (base.host_threads):
     # ORT's own pool does the arithmetic and keeps spinning on the cores between runs, and
-    # torch's OpenMP workers (woken by the loop's sampling and copies) then compete with it
-    # for the same cores. Measured on the 30m model, 2 cores: see bench/RESULTS.md.
+    # torch's OpenMP workers (woken by the loop's sampling and copies) would then compete
+    # with it for the same cores.
     host_threads: int | None = 1
 
     def __init__(self, path: str | os.PathLike, config: GPTConfig,
                  device: torch.device | str = "cpu", threads: int | None = None,
-                 vocab_ids: torch.Tensor | None = None):
-        """``vocab_ids``: score only these tokens (a draft model's vocabulary,
-        ``runtime.draft_vocab``): logits[..., i] is token vocab_ids[i]."""
+                 vocab_ids: torch.Tensor | None = None, tf32: bool = False):
+        """``threads``: ORT's intra-op threads (default torch's count). ``vocab_ids``: score
+        only these tokens (a draft model's vocabulary, ``runtime.draft_vocab``):
+        logits[..., i] is token vocab_ids[i]. ``tf32``: let the CUDA provider run fp32
+        matmuls in TF32 (its own default; off here, so fp32 files give eager's logits
+        within the export's tolerance and the same greedy tokens)."""
+        self.tf32 = tf32
         self.config, self.path = config, path
         self.device = torch.device(device)
         self._stream = None
@@ -66,10 +71,12 @@ class OrtBackend(GraphBackend):
         if vocab_ids is not None:
             import onnx
 
-            from slm_export.runtime.draft_vocab import restrict_lm_head
+            from slm_export.runtime.draft_vocab import check_restricted, restrict_lm_head
 
+            full = onnx.load(str(path))
             graph = restrict_lm_head(onnx.load(str(path)), vocab_ids, config.vocab_size)
             source = graph.SerializeToString()
+            check_restricted(full, source, vocab_ids, config, path)
             self.vocab_ids, self.logits_width = vocab_ids.to(self.device), len(vocab_ids)
         self.session = ort_session(source, providers, threads)
         self._check_providers(path, providers[0])
@@ -91,9 +98,8 @@ class OrtBackend(GraphBackend):
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         self._stream = torch.cuda.Stream(self.device)
-        return [("CUDAExecutionProvider", {
-            "device_id": index, "has_user_compute_stream": "1",
-            "user_compute_stream": str(self._stream.cuda_stream)}), "CPUExecutionProvider"]
+        options = cuda_provider_options(index, self._stream.cuda_stream, self.tf32)
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
     def _check_providers(self, path, preferred) -> None:
         """Loud where ONNX Runtime would quietly run on the CPU: a provider that did not start,
@@ -152,3 +158,11 @@ class OrtBackend(GraphBackend):
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self.session.run_with_iobinding(self._binding)
         return logits.float(), tuple(present)
+
+
+def cuda_provider_options(device_id: int, stream: int, tf32: bool = False) -> dict[str, str]:
+    """The CUDA provider's options: our device, our torch stream as its compute stream (see
+    the module docstring), and TF32 for fp32 matmuls only if asked for (``use_tf32`` is on
+    by default in ONNX Runtime, which moves fp32 logits by ~1e-4)."""
+    return {"device_id": str(device_id), "has_user_compute_stream": "1",
+            "user_compute_stream": str(stream), "use_tf32": "1" if tf32 else "0"}

@@ -1,13 +1,16 @@
 """Speculative decoding: cheap drafts, verified K at a time by the one backend's ``score``.
 
 A verify step feeds each row's pending token plus K drafted tokens in one forward pass
-(``Backend.score``): logits after each of them. Draft i is kept when the target agrees —
+(``Backend.forward(..., every=True)``): logits after each of them. Draft i is kept when the target agrees —
 greedy: it is the argmax; sampling: with probability p(draft) (the standard accept/reject
 rule for a deterministic draft, whose q is one-hot), and a rejected position draws from p
 with the draft removed — so the output has exactly the target's distribution. The batch
 keeps the accepted prefix common to its active rows (n = min over rows): a row that
 accepted further emits its draft at position n, which the rule accepted; the others emit
 their resampled (or, at n = K, bonus) token. The cache is rewound to the kept positions.
+Each row is verified against its own sampling controls (the penalties count the drafts
+before a position as generated), so greedy speculation is plain greedy and sampling keeps
+its distribution with every control.
 
 Drafts (``Drafter``): ``NgramDrafter`` (prompt lookup: the continuation of the longest
 recent n-gram match in the row's own history, no second model; else, optionally, from the
@@ -40,6 +43,12 @@ class Drafter(Protocol):
     def commit(self, accepted: int) -> None:
         """How many of the last proposals the batch kept (each row then emitted one more)."""
 
+    def keep(self, rows: Sequence[int]) -> None:
+        """The batch is now these rows of the last one, in this order."""
+
+    def reset(self) -> None:
+        """Rows joined: forget what was drafted; the next ``propose`` starts from the histories."""
+
 
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the row's last n tokens (n from
@@ -47,9 +56,8 @@ class NgramDrafter:
 
     No match of at least ``min_ngram`` tokens: the drafts of ``table`` (an ``NgramTable`` of
     the text the model learned, ``generate.py --ngram-data``), else none and a plain decode
-    step. A single repeated token predicts little: on the bench's stories, drafts after
-    1-token matches were 26% accepted and made eager no faster; from 2-token matches on, 67%
-    (bench/RESULTS.md).
+    step. A single repeated token predicts little: drafts after 1-token matches were mostly
+    rejected and made decoding no faster, hence ``min_ngram`` 2.
     """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2, table: NgramTable | None = None):
@@ -70,6 +78,12 @@ class NgramDrafter:
         return []
 
     def commit(self, accepted: int) -> None:
+        pass
+
+    def keep(self, rows: Sequence[int]) -> None:
+        pass
+
+    def reset(self) -> None:
         pass
 
 
@@ -103,11 +117,11 @@ class ModelDrafter:
                 raise ValueError(f"rows advanced unevenly since the last proposal: {pending}")
             ids = torch.tensor([h[fed:] for h, fed in zip(history, self._fed, strict=True)],
                                device=device)
-            logits, self._state = self.backend.decode(ids, self._state)
+            logits, self._state = self.backend.forward(ids, self._state)
         self._fed = [len(h) for h in history]
         drafts = [self._pick(logits)]
         while len(drafts) < k and self._confident(logits):
-            logits, self._state = self.backend.decode(drafts[-1], self._state)
+            logits, self._state = self.backend.forward(drafts[-1], self._state)
             drafts.append(self._pick(logits))
         self._kept_drafts = len(drafts) - 1  # the last draft was never fed
         return torch.stack(drafts, dim=1).tolist()
@@ -134,6 +148,14 @@ class ModelDrafter:
         self._fed = [fed + keep for fed in self._fed]
         self._kept_drafts = 0
 
+    def keep(self, rows: Sequence[int]) -> None:
+        if self._state is not None:
+            self._state = self.backend.select(self._state, rows) if rows else None
+            self._fed = [self._fed[i] for i in rows]
+
+    def reset(self) -> None:
+        self._state, self._fed, self._kept_drafts = None, [], 0
+
 
 def load_draft(name: str, path, target: Backend, variant: str = "fp32",
                vocab_ids: torch.Tensor | None = None) -> Backend:
@@ -142,53 +164,58 @@ def load_draft(name: str, path, target: Backend, variant: str = "fp32",
     guesses among these tokens only, its lm_head cut to them (``runtime.draft_vocab``).
 
     An ort draft on the CPU runs with one intra-op thread: it runs in turn with the target,
-    and a second ORT thread pool spinning on the same cores slows both (measured in
-    bench/RESULTS.md). Its precision (``variant``: int8, int4, fp16) changes only its speed
-    and how often its guesses are accepted, never the output.
+    and a second ORT thread pool spinning on the same cores would slow both. Its precision
+    (``variant``: int8, int4, fp16) changes only its speed and how often its guesses are
+    accepted, never the output.
     """
     from slm_export.runtime import load_backend
 
-    cpu_ort = name == "ort" and target.device.type == "cpu"
-    draft = load_backend(name, path, target.device, variant, threads=1 if cpu_ort else None,
-                         vocab_ids=vocab_ids)
+    options = {"vocab_ids": vocab_ids} if vocab_ids is not None else {}
+    if name == "ort" and target.device.type == "cpu":
+        options["threads"] = 1
+    if vocab_ids is not None and name != "ort":
+        raise SlmError(f"a draft vocabulary needs an ort draft (--draft-backend ort), not {name}")
+    draft = load_backend(name, path, target.device, variant, **options)
     if draft.config.vocab_size != target.config.vocab_size:
         raise SlmError(f"the draft model has a vocabulary of {draft.config.vocab_size}, the "
                        f"model {target.config.vocab_size}: a draft must share the tokenizer")
     return draft
 
 
-def pad_drafts(drafts: list[list[int]], active: Sequence[bool]) -> list[list[int]]:
-    """Rows' drafts cut to the longest one among active rows, short rows padded with their
-    last draft (or 0): every row must feed K tokens; a padded guess is simply rejected."""
-    k = max((len(d) for d, a in zip(drafts, active, strict=True) if a), default=0)
+def pad_drafts(drafts: list[list[int]]) -> list[list[int]]:
+    """Rows' drafts cut to the longest one, short rows padded with their last draft (or 0):
+    every row must feed K tokens; a padded guess is simply rejected."""
+    k = max((len(d) for d in drafts), default=0)
     return [(d + [d[-1] if d else 0] * k)[:k] for d in drafts]
 
 
-def verify(logits: torch.Tensor, drafts: torch.Tensor, active: torch.Tensor,
-           sampling: SamplingConfig, generator: torch.Generator | None):
-    """Accept/reject K drafts per row from the target's logits after each fed token.
-
-    logits (B, K + 1, V): after the pending token and after each draft; drafts (B, K);
-    active (B,) bool: rows whose acceptance counts. -> (n, tokens (B, n + 1)): the kept draft
-    count common to the batch, and each row's tokens to emit (its first n drafts, then its
-    own token at position n).
-    """
+def accepted_runs(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator | None):
+    """How many leading drafts each row accepts, from the target's (adjusted) logits after
+    each fed token: logits (B, K + 1, V), drafts (B, K) -> (run (B,), what ``tokens_at``
+    reads: the argmaxes when greedy, else the probabilities)."""
     B, K = drafts.shape
     if sampling.is_greedy:
-        target = logits.argmax(-1)  # (B, K + 1)
-        accepted = target[:, :K] == drafts
+        scored = logits.argmax(-1)  # (B, K + 1)
+        accepted = scored[:, :K] == drafts
     else:
-        probs = probabilities(logits.reshape(B * (K + 1), -1), sampling).view(B, K + 1, -1)
-        p_draft = probs[:, :K].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, K)
+        scored = probabilities(logits.reshape(B * (K + 1), -1), sampling).view(B, K + 1, -1)
+        p_draft = scored[:, :K].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, K)
         u = torch.rand(B, K, generator=generator, device=logits.device)
         accepted = u < p_draft
-    run = accepted.long().cumprod(dim=1).sum(dim=1)  # leading accepts per row
-    n = int(run[active].min()) if bool(active.any()) else K
+    return accepted.long().cumprod(dim=1).sum(dim=1), scored
+
+
+def tokens_at(n: int, scored: torch.Tensor, drafts: torch.Tensor, run: torch.Tensor,
+              sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's tokens to emit when the batch keeps ``n`` drafts: (B, n + 1), its first n
+    drafts, then its own token at position n."""
+    K = drafts.size(1)
     if sampling.is_greedy:
-        last = target[:, n]
+        last = scored[:, n]
     else:
-        last = _token_at(probs[:, n], drafts[:, n] if n < K else None, run > n, generator)
-    return n, torch.cat([drafts[:, :n], last.unsqueeze(1)], dim=1)
+        last = _token_at(scored[:, n], drafts[:, n] if n < K else None, run > n, generator)
+    return torch.cat([drafts[:, :n], last.unsqueeze(1)], dim=1)
 
 
 def _token_at(probs: torch.Tensor, draft: torch.Tensor | None, kept: torch.Tensor,
