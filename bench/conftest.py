@@ -1,4 +1,4 @@
-"""Benchmark suite setup: options, the model under test, one backend at a time, the summary.
+"""Benchmark suite setup: options, the model under test, one backend at a time, the results.
 
 Run explicitly (``testpaths`` is ``tests``, so a plain ``pytest`` never collects this folder):
 
@@ -6,16 +6,16 @@ Run explicitly (``testpaths`` is ``tests``, so a plain ``pytest`` never collects
     pytest bench --benchmark-only --bench-preset tiny --bench-quick  # the CI smoke run
 
 The model: ``--bench-model DIR`` (a run folder holding best.pt and export/), else the
-``--bench-preset`` architecture trained briefly on the embedded stories through train.py
-(``--bench-train-steps``) and exported with every variant, once, under
-``artifacts/bench/model-<preset>-<steps>steps/``. Decode speed does not depend on the weights, but the
-parity checks (int8 / fp16 top-1 agreement) and speculative decoding (acceptance) only mean
+``--bench-preset`` architecture trained briefly on the embedded stories
+(``training.train_brief``) and exported with every variant, once, under
+``artifacts/bench/model-<preset>-<steps>steps/``. Decode speed does not depend on the
+weights, but the first-round checks and speculative decoding (acceptance) only mean
 something on a model that has learned text. For the 30m preset the tiny one is trained too:
 it is the draft model of the speculative rows.
 
-A backend that fails to load fails its rows (only ``--bench-backends`` excludes one), and
-every row's first round is checked against eager before anything is timed: fp32 backends
-must give eager's greedy tokens, the reduced-precision variants its top-1 choices.
+A backend that fails to load fails its rows (only ``--bench-backends`` excludes one). Every
+ratio comes from one comparison timed in interleaved rounds (``benchmark.interleaved``),
+its raw seconds kept in the results file.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +31,10 @@ import pytest
 import torch
 
 from slm_export import benchmark as bm
-from slm_export.config import TrainConfig
-from slm_export.data import Source
+from slm_export import registry
 
 ARTIFACTS = Path("artifacts/bench")
-REPO = Path(__file__).resolve().parents[1]
-# (backend, variant) in table order; aoti where a C++ compiler could build model_kv.pt2.
-CASES = [("naive", "fp32"), ("eager", "fp32"), ("compiled", "fp32"), ("torchscript", "fp32"),
-         ("aoti", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "int4"), ("ort", "fp16")]
-CUDA_EXCLUDED = {("ort", "int8")}  # dynamic int8 has no CUDA kernels: refused there by design
-TRAIN_STEPS = {"30m": 300, "tiny": 150}
-VARIANTS = ("int8", "int4", "fp16")
+TRAIN_STEPS = {"30m": 300, "tiny": 300}  # tiny: its recipe's own length (fewer left int4 marginal)
 
 
 def pytest_addoption(parser):
@@ -52,7 +43,7 @@ def pytest_addoption(parser):
                 help="a run folder (best.pt + export/) to benchmark (default: the preset, trained briefly)")
     g.addoption("--bench-preset", default="30m", help="architecture of the default model (30m, tiny)")
     g.addoption("--bench-train-steps", type=int, default=None,
-                help="training steps of the default model (default 300 for 30m, 150 for tiny)")
+                help="training steps of the default model (default 300)")
     g.addoption("--bench-draft", default=None,
                 help="run folder of the draft model for the speculative rows (default: the tiny "
                      "preset trained here, when the model under test is larger)")
@@ -75,8 +66,6 @@ def pytest_addoption(parser):
                 help="also time the naive backend at batch 8 and 32 (minutes on 2 CPU cores)")
     g.addoption("--bench-quick", action="store_true",
                 help="fewer scenarios and rounds: a smoke run that prints the table")
-    g.addoption("--bench-experiments", action="store_true",
-                help="also measure candidate backend speed-ups (bench/test_experiments.py)")
     g.addoption("--bench-engines", action="store_true",
                 help="also time other engines on our weights: CTranslate2, llama.cpp "
                      "(bench/test_engines.py)")
@@ -92,20 +81,26 @@ def case_id(backend: str, variant: str) -> str:
     return backend if variant == "fp32" else f"{backend}-{variant}"
 
 
+def _wanted(text: str | None) -> set | None:
+    """--bench-backends as (backend, variant) pairs; None without it."""
+    if not text:
+        return None
+    known = {case_id(*c): c for c in registry.cases()}
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise pytest.UsageError(f"--bench-backends: unknown {unknown}; choose from {list(known)}")
+    return {known[n] for n in names}
+
+
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
-    wanted = metafunc.config.getoption("--bench-backends")
-    cases = CASES
-    if metafunc.config.getoption("--bench-device") == "cuda":
-        cases = [c for c in CASES if c not in CUDA_EXCLUDED]
+    device = metafunc.config.getoption("--bench-device")
+    cases = registry.cases("cuda" if device == "cuda" else "cpu")
+    wanted = _wanted(metafunc.config.getoption("--bench-backends"))
     if wanted:
-        names = [w.strip() for w in wanted.split(",") if w.strip()]
-        known = {case_id(*c): c for c in CASES}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise pytest.UsageError(f"--bench-backends: unknown {unknown}; choose from {list(known)}")
-        cases = [known[n] for n in names]
+        cases = [c for c in registry.cases() if c in wanted]
     # Session scope: pytest runs every test of one backend, then tears it down before the next.
     metafunc.parametrize("case", cases, ids=[case_id(*c) for c in cases], indirect=True,
                          scope="session")
@@ -127,27 +122,32 @@ class Bench:
     draft_variant: str = "int4"  # its ONNX variant, run through ort
     draft_vocab: Path | None = None  # a data folder: the draft scores its frequent tokens only
     ngram_data: Path | None = None  # a data folder: n-gram counts for the ngram+data rows
+    wanted: set | None = None  # --bench-backends as (backend, variant) pairs; None: all
+    engines: bool = False  # --bench-engines
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
     results: list[bm.Result] = field(default_factory=list)
-    _eager: object = None
+    comparisons: list[bm.Comparison] = field(default_factory=list)
+    _backends: dict = field(default_factory=dict)
     _reference: dict = field(default_factory=dict)
 
     @property
-    def min_rounds(self) -> int:  # timed rounds per row, where the time cap allows
+    def rounds(self) -> int:
+        """Timed rounds per row and per comparison."""
         return 3 if self.quick else 5
 
-    @property
-    def max_seconds(self) -> float:  # timed seconds per row at most (one round always runs)
-        return 10.0 if self.quick else 60.0
+    def shared(self, name: str, variant: str = "fp32", device=None):
+        """A backend loaded once per session (the eager reference, naive, ort beside an engine)."""
+        from slm_export.runtime import load_backend
+
+        key = (name, variant, str(device or self.device))
+        if key not in self._backends:
+            self._backends[key] = load_backend(name, self.model_dir, device or self.device, variant,
+                                               **({"threads": self.threads} if name == "ort" else {}))
+        return self._backends[key]
 
     @property
     def eager(self):
-        """The eager backend on the model under test: the reference of every check."""
-        from slm_export.runtime import load_backend
-
-        if self._eager is None:
-            self._eager = load_backend("eager", self.model_dir, self.device)
-        return self._eager
+        return self.shared("eager")
 
     def reference(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         """Eager's greedy tokens for these prompts (computed once)."""
@@ -159,30 +159,45 @@ class Bench:
                                             sampling=GREEDY, stop_id=None).tokens
         return self._reference[key]
 
+    def write(self, path: str | os.PathLike) -> Path:
+        """The results file with every row and comparison so far (after each test: a killed
+        run keeps them)."""
+        ceiling = bm.roofline_tokens_per_s(self.bandwidth, self.config)
+        return bm.write_results(path, bm.machine_info(self.threads), self.results, self.comparisons, extra={
+            "bandwidth_gb_s": round(self.bandwidth / 1e9, 2),
+            "roofline_tokens_per_s_fp32_batch1": round(ceiling, 1),
+            "model": str(self.model_dir), "preset": self.preset,
+            "draft_model": None if self.draft_dir is None else str(self.draft_dir),
+            "draft_variant": self.draft_variant,
+            "draft_vocab": None if self.draft_vocab is None else str(self.draft_vocab),
+            "ngram_data": None if self.ngram_data is None else str(self.ngram_data),
+        })
+
 
 _BENCH: Bench | None = None
 
 
 def _formats() -> tuple[str, ...]:
-    """onnx + torchscript; aoti where a C++ compiler is found; hf/ where transformers is
-    installed (other engines' converters read it: --bench-engines)."""
+    """Every format whose files a backend here loads (aoti where a C++ compiler is found), and
+    hf/ where transformers is installed (the other engines' converters read it)."""
     from slm_export.export.aoti import compiler_problem
 
-    return ("onnx", "torchscript", *([] if compiler_problem() else ["aoti"]),
-            *(["hf"] if importlib.util.find_spec("transformers") else []))
+    formats = [f for f in registry.formats_for(registry.NAMES) if f != "aoti" or not compiler_problem()]
+    return (*formats, *(["hf"] if importlib.util.find_spec("transformers") else []))
 
 
 def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
-    """artifacts/bench/model-<preset>-<steps>steps/: the preset trained ``steps`` steps on the embedded
-    stories through train.py, exported (TorchScript, ONNX, int8, int4, fp16) and verified; reused
-    while its export's manifest is valid and it was trained for the same steps."""
+    """artifacts/bench/model-<preset>-<steps>steps/: ``training.train_brief`` on the embedded
+    stories, exported (every format here, every variant) and verified; reused while its
+    export's manifest is valid and complete."""
     from slm_export.artifacts.manifest import Manifest
     from slm_export.export import build
+    from slm_export.training import train_brief
 
     run_dir = ARTIFACTS / f"model-{preset}-{steps}steps"
     try:
         manifest = Manifest.read(run_dir / "export", verify_hashes=False)
-        complete = all(manifest.has("onnx_kv", v) for v in VARIANTS) and (
+        complete = all(manifest.has("onnx_kv", v) for v in registry.REDUCED) and (
             "aoti" not in _formats() or manifest.has("aoti_kv"))
         if not refresh and complete:
             return run_dir
@@ -190,15 +205,8 @@ def _trained_model(preset: str, steps: int, refresh: bool) -> Path:
         pass  # none yet, or a partial or older one: train and export again
     start = time.perf_counter()
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "train.py"), "--dataset", "stories", "--preset", preset,
-           "--max-iters", str(steps), "--eval-interval", str(steps), "--eval-iters", "4",
-           "--batch-size", "8", "--warmup-iters", str(min(100, steps // 5)), "--lr", "2e-3",
-           "--min-lr", "2e-4", "--out-dir", str(run_dir), "--data-root", str(ARTIFACTS / "data"),
-           "--no-plots", "--quiet", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"training the bench model failed: {proc.stderr[-1000:]}")
-    build(run_dir / "best.pt", run_dir / "export", formats=_formats(), variants=VARIANTS)
+    best = train_brief(preset, steps, run_dir, ARTIFACTS / "data")
+    build(best, run_dir / "export", formats=_formats(), variants=registry.REDUCED)
     print(f"\nbench: trained {preset} for {steps} steps and exported it to {run_dir} "
           f"in {time.perf_counter() - start:.0f} s")
     return run_dir
@@ -217,6 +225,7 @@ def _model_config(model_dir: Path):
 @pytest.fixture(scope="session")
 def bench(request) -> Bench:
     global _BENCH
+    from slm_export.data import Source
     from slm_export.devices import resolve_device
 
     opt = request.config.getoption
@@ -231,18 +240,18 @@ def bench(request) -> Bench:
         preset = opt("--bench-preset")
         model_dir = _trained_model(preset, opt("--bench-train-steps") or TRAIN_STEPS[preset],
                                    opt("--bench-refresh"))
-        stories = ARTIFACTS / "data" / Source.of(TrainConfig()).name  # what they trained on
+        stories = ARTIFACTS / "data" / Source.of().name  # what they trained on
         ngram_data = ngram_data or stories
         if draft is None and preset != "tiny" and not opt("--bench-quick"):
-            draft = _trained_model("tiny", TRAIN_STEPS["tiny"] * 2, opt("--bench-refresh"))
+            draft = _trained_model("tiny", TRAIN_STEPS["tiny"], opt("--bench-refresh"))
             vocab = vocab or stories
-    bandwidth = bm.measure_read_bandwidth(device, threads)
     _BENCH = Bench(model_dir=model_dir, preset=preset, config=_model_config(model_dir),
                    device=device, threads=threads, quick=opt("--bench-quick"),
-                   full=opt("--bench-full"), bandwidth=bandwidth, draft_dir=draft,
-                   draft_variant=opt("--bench-draft-variant"),
+                   full=opt("--bench-full"), bandwidth=bm.measure_read_bandwidth(device, threads),
+                   draft_dir=draft, draft_variant=opt("--bench-draft-variant"),
                    draft_vocab=None if vocab in (None, "none") else Path(vocab),
-                   ngram_data=None if ngram_data in (None, "none") else Path(ngram_data))
+                   ngram_data=None if ngram_data in (None, "none") else Path(ngram_data),
+                   wanted=_wanted(opt("--bench-backends")), engines=opt("--bench-engines"))
     return _BENCH
 
 
@@ -260,13 +269,28 @@ class Case:
 def _file_mb(name: str, variant: str, model_dir: Path) -> float:
     """Size of the file ``load_backend`` reads for this backend and variant."""
     from slm_export.artifacts.manifest import Manifest
-    from slm_export.runtime import TORCH_BACKENDS, resolve_model_path
+    from slm_export.runtime import resolve_model_path
 
-    target = resolve_model_path(name, model_dir)
-    if name not in TORCH_BACKENDS:
-        kind = {"torchscript": "torchscript_kv", "aoti": "aoti_kv", "ort": "onnx_kv"}[name]
-        target = Manifest.read(target, verify_hashes=False).file(kind, variant, verify_hash=False)
+    spec, target = registry.backend(name), resolve_model_path(name, model_dir)
+    if not spec.from_checkpoint:
+        target = Manifest.read(target, verify_hashes=False).file(spec.loads, variant, verify_hash=False)
     return target.stat().st_size / 2**20
+
+
+def _skip_reason(name: str, bench: Bench) -> str | None:
+    """Why a backend has no row here: aoti without a C++ compiler (no package was built), or
+    on CUDA with the bench's own model (its package is compiled for the CPU; a package runs
+    on the device type it was compiled for)."""
+    if name != "aoti":
+        return None
+    from slm_export.export.aoti import compiler_problem
+
+    if problem := compiler_problem():
+        return f"aoti: {problem}"
+    if bench.device.type != "cpu" and bench.model_dir.parent == ARTIFACTS:
+        return ("aoti: the bench's model_kv.pt2 is compiled for the CPU; export one with "
+                "export.py --format aoti --device cuda and pass its run folder as --bench-model")
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -275,11 +299,8 @@ def case(request, bench) -> Case:
     from slm_export.runtime import load_backend
 
     name, variant = request.param
-    if name == "aoti":
-        from slm_export.export.aoti import compiler_problem
-
-        if problem := compiler_problem():  # no model_kv.pt2 can be built on this machine
-            pytest.skip(f"aoti: {problem}")
+    if reason := _skip_reason(name, bench):
+        pytest.skip(reason)
     bench.mem.reset()
     baseline = bench.mem.rss_mb()
     if bench.device.type == "cuda":  # CUDA-only: run by scripts/gpu-check.sh
@@ -288,8 +309,8 @@ def case(request, bench) -> Case:
     start = time.perf_counter()
     # A backend that cannot load fails its rows: a broken backend must not drop out of the
     # table quietly (exclude one on purpose with --bench-backends).
-    backend = load_backend(name, bench.model_dir, bench.device, variant=variant,
-                           threads=bench.threads)
+    options = {"threads": bench.threads} if name == "ort" else {}
+    backend = load_backend(name, bench.model_dir, bench.device, variant, **options)
     load_s = time.perf_counter() - start
     assert backend.device.type == bench.device.type, (backend.device, bench.device)
     yield Case(name, variant, backend, load_s, _file_mb(name, variant, bench.model_dir), baseline)
@@ -297,22 +318,9 @@ def case(request, bench) -> Case:
     bench.mem.trim()
 
 
-def write_results(b: Bench, path: str) -> Path:
-    """results.json with every row so far (called after each row, so a killed run keeps them)."""
-    return bm.write_results(path, bm.machine_info(b.threads), b.results, extra={
-        "bandwidth_gb_s": round(b.bandwidth / 1e9, 2),
-        "roofline_tokens_per_s_fp32_batch1": round(bm.roofline_tokens_per_s(b.bandwidth, b.config), 1),
-        "model": str(b.model_dir),
-        "draft_model": None if b.draft_dir is None else str(b.draft_dir),
-        "draft_variant": b.draft_variant,
-        "draft_vocab": None if b.draft_vocab is None else str(b.draft_vocab),
-        "ngram_data": None if b.ngram_data is None else str(b.ngram_data),
-    })
-
-
 def pytest_runtest_teardown(item):
-    if _BENCH is not None and _BENCH.results:
-        write_results(_BENCH, item.config.getoption("--bench-results"))
+    if _BENCH is not None and (_BENCH.results or _BENCH.comparisons):
+        _BENCH.write(item.config.getoption("--bench-results"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -323,11 +331,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     b = _BENCH
     machine = bm.machine_info(b.threads)
     ceiling = bm.roofline_tokens_per_s(b.bandwidth, b.config)
-    path = write_results(b, config.getoption("--bench-results"))
+    path = b.write(config.getoption("--bench-results"))
+    doc = bm.load_results(path)
     console = Console(file=terminalreporter._tw._file, force_terminal=False, width=220)
     load = f", load avg {machine['load_avg'][0]:.2f}" if machine["load_avg"] else ""
-    console.print(bm.results_table(b.results, title=(
+    console.print(bm.results_table(doc["results"], title=(
         f"slm-export bench: {b.preset} on {machine['gpu'] or machine['cpu']}, {b.threads} threads, "
         f"read bandwidth {b.bandwidth / 1e9:.1f} GB/s -> fp32 roofline {ceiling:.0f} tok/s "
         f"at batch 1{load}, commit {machine['commit']}")))
+    if doc["comparisons"]:
+        console.print("paired comparisons (interleaved rounds):\n" + bm.comparisons_table(doc))
     console.print(f"results written to {os.fspath(path)}")

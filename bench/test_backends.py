@@ -3,12 +3,13 @@ speculative decoding (see conftest.py for the model and the backends).
 
 Every scenario runs greedy decoding through the one generation loop users run
 (``runtime.TokenStream``) with no stop token, so each row emits exactly ``new_tokens``
-tokens per prompt. A row's first round (compilation happens there: ``first_call_s``, and
+tokens per prompt. A row's first call (compilation happens there: ``first_call_s``, and
 ``compile_s`` from torch.compile's own timers) is untimed and checked against eager: fp32
-backends must give eager's greedy tokens, int8 / fp16 its top-1 choices (>= MIN_TOP1,
-teacher-forced along eager's continuation). Then ``pytest-benchmark`` times at least
-``min_rounds`` rounds (fewer only where one round is longer than the row's time cap), and
-the row keeps min / median / max tokens/s and the p50 / p95 decode-step latency.
+backends must give eager's greedy tokens (or a tie, ``runtime.parity``), the reduced
+variants reach their export gate's top-1 agreement. Then its rounds are timed by the one
+primitive, ``benchmark.interleaved``, beside what the row is compared with (batch 8 with
+batch 1, a drafter with plain greedy, batch 1 with naive); pytest-benchmark times the row's
+own calls.
 """
 
 from __future__ import annotations
@@ -21,29 +22,32 @@ import pytest
 import torch
 
 from slm_export import benchmark as bm
-from slm_export.cli.generate import DRAFT_VOCAB_SIZE
-from slm_export.runtime import GREEDY, TokenStream
-from slm_export.runtime.base import host_threads
+from slm_export.export import DEFAULT_GATES
+from slm_export.runtime import GREEDY, TokenStream, parity
 from slm_export.runtime.draft_vocab import frequent_tokens
 from slm_export.runtime.ngram_table import NgramTable
 from slm_export.runtime.speculative import ModelDrafter, NgramDrafter, load_draft
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time" in GPT-2 BPE: a 4-token prompt
-MIN_TOP1 = {"int8": 0.9, "int4": 0.85, "fp16": 0.98}  # agreement with eager's top-1 choices
 DRAFT_TOKENS = {"ngram": 4, "ngram+data": 4, "draft": 6}  # at most: drafts stop where unsure
+MAX_SECONDS = {True: 10.0, False: 60.0}  # a row's timed seconds at most (quick or not)
 
 
-def _prompt_ids(length: int, vocab: int) -> list[int]:
-    gen = torch.Generator().manual_seed(length)
-    return torch.randint(0, vocab, (length,), generator=gen).tolist()
+class Generations:
+    """A callable that runs one greedy generation and keeps what each call gave: the
+    ``Generation`` and the seconds of each step after the first (the prefill)."""
 
+    def __init__(self, backend, prompts, new_tokens: int, drafter=None, draft_tokens: int = 4):
+        self.backend, self.prompts, self.new_tokens = backend, prompts, new_tokens
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.outs: list = []
 
-def run_stream(backend, prompts, new_tokens: int, drafter=None, draft_tokens: int = 4):
-    """The loop users run, timing each step: -> (Generation, seconds per decode step)."""
-    stream = TokenStream(backend, prompts, max_new_tokens=new_tokens, sampling=GREEDY,
-                         stop_id=None, drafter=drafter, draft_tokens=draft_tokens)
-    steps = []
-    with host_threads(backend):  # as generate() and generate.py run it
+    def __call__(self):
+        stream = TokenStream(self.backend, self.prompts, max_new_tokens=self.new_tokens,
+                             sampling=GREEDY, stop_id=None,
+                             drafter=self.drafter() if self.drafter else None,
+                             draft_tokens=self.draft_tokens)
+        steps = []
         while True:
             start = time.perf_counter()
             try:
@@ -51,7 +55,14 @@ def run_stream(backend, prompts, new_tokens: int, drafter=None, draft_tokens: in
             except StopIteration:
                 break
             steps.append(time.perf_counter() - start)
-    return stream.result(), steps[1:]  # the first step is the prefill (TTFT)
+        gen = stream.result()
+        assert gen.stats.new_tokens == len(self.prompts) * self.new_tokens
+        self.outs.append((gen, steps[1:]))
+        return gen
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompts) * self.new_tokens
 
 
 def _compile_seconds() -> float:
@@ -60,94 +71,54 @@ def _compile_seconds() -> float:
     return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
-@torch.inference_mode()
-def top1_agreement(backend, reference, prompts, tokens) -> float:
-    """Share of positions where ``backend`` and ``reference`` pick the same next token,
-    both fed ``tokens`` (eager's greedy continuation, cut to the window) after ``prompts``."""
-    ids = torch.tensor(prompts)
-    room = backend.config.block_size - ids.size(1)
-    fed = torch.tensor(tokens)[:, :room]
-    agree = []
-    for b in (backend, reference):
-        _, state = b.prefill(ids.to(b.device), None)
-        logits, _ = b.score(fed.to(b.device), state)
-        agree.append(logits.argmax(-1).cpu())
-    return (agree[0][:, :-1] == agree[1][:, :-1]).float().mean().item()
-
-
-def check_first_round(bench, case, prompts, tokens) -> dict:
-    """fp32 backends: eager's exact greedy tokens; variants: its top-1 choices."""
+def check_first_call(bench, case, prompts, tokens) -> dict:
+    """fp32 backends: eager's greedy tokens, or a tie; variants: their export gate's top-1
+    agreement with eager, teacher-forced along eager's continuation."""
     want = bench.reference(prompts, len(tokens[0]))
     if case.variant == "fp32":
-        assert tokens == want, f"{case.backend_name} gives other greedy tokens than eager"
-        return {"parity": "identical greedy tokens"}
-    agree = top1_agreement(case.backend, bench.eager, prompts, want)
-    assert agree >= MIN_TOP1[case.variant], f"{case.variant} top-1 agreement {agree:.3f}"
-    return {"parity": f"top-1 agreement {agree:.3f}"}
+        if tokens == want:
+            return {"parity": "identical greedy tokens"}
+        report = parity.greedy(bench.eager, case.backend, prompts, len(tokens[0])).check()
+        return {"parity": f"eager's greedy tokens but {report.tie_count} tie(s)"}
+    fed = torch.tensor([p + w for p, w in zip(prompts, want, strict=True)])[:, :bench.config.block_size]
+    top1 = parity.teacher_forced(bench.eager, case.backend, fed)["top1"]
+    gate = DEFAULT_GATES[case.variant].min_top1
+    assert top1 >= gate, f"{case.variant} top-1 agreement {top1:.3f} < its gate's {gate}"
+    return {"parity": f"top-1 agreement {top1:.3f}", "top1_agreement": round(top1, 4)}
 
 
-def _measure(benchmark, bench, case, call, before_each=None):
-    """One untimed call (-> first_call_s, and compile_s from torch.compile's own timers), a
-    second one where it compiled (a re-prefill may specialise once more), then min_rounds
-    timed calls, fewer only where they would pass the row's time cap. ``before_each`` runs
-    before every timed call, outside its timing (pytest-benchmark's setup).
-    -> (first output, [(output, seconds)], compile_s or None, extras, peak MB)."""
+def candidate(case_or_name, variant: str, batch: int, new_tokens: int, seconds, **more) -> dict:
+    return {"backend": case_or_name, "variant": variant, "batch": batch, "new_tokens": new_tokens,
+            "tokens": batch * new_tokens, "seconds": [round(s, 6) for s in seconds], **more}
+
+
+def measure(benchmark, bench, case, subject: Generations, base: tuple | None = None):
+    """The first call (checked, compile timed), then ``interleaved`` rounds of ``subject``
+    (pytest-benchmark's) beside ``base`` = (name, Generations) if any.
+    -> (Rounds, first Generation, compile_s, first_call_s, peak MB)."""
     bench.mem.reset()
     compiled_before = _compile_seconds()
     start = time.perf_counter()
-    first = call()
+    first = subject()
     bm.sync(bench.device)
     first_s = time.perf_counter() - start
-    if _compile_seconds() > compiled_before:
-        call()
     compile_s = _compile_seconds() - compiled_before
     one_call = max(first_s - compile_s, 1e-3)
-    rounds = max(1, min(bench.min_rounds, math.floor(bench.max_seconds / one_call)))
-    outs: list = []
-
-    def timed():
-        t0 = time.perf_counter()
-        out = call()
-        bm.sync(bench.device)
-        outs.append((out, time.perf_counter() - t0))
-
-    benchmark.pedantic(timed, setup=before_each, rounds=rounds, iterations=1, warmup_rounds=0)
+    rounds = max(1, min(bench.rounds, math.floor(MAX_SECONDS[bench.quick] / one_call)))
+    candidates = {"subject": subject, **({base[0]: base[1]} if base else {})}
+    timed = bm.interleaved(candidates, rounds, sync=lambda: bm.sync(bench.device),
+                           benchmark=benchmark, primary="subject")
     if bench.device.type == "cuda":
         # Device memory in use now, above what it was before the backend was loaded: ORT's
-        # arena and torch's caching allocator both keep their high-water mark reserved, and
-        # torch.cuda.max_memory_allocated would not see ORT's allocations at all.
+        # arena and torch's caching allocator both keep their high-water mark reserved.
         peak = bm.cuda_used_mb(bench.device) - case.baseline_mb
     else:
         peak = bench.mem.peak_mb(case.baseline_mb)
-    return first, outs, (round(compile_s, 2) if compile_s > 0 else None), \
-        {"first_call_s": round(first_s, 3)}, peak
+    subject.outs = subject.outs[-rounds:]  # the timed calls' outputs
+    return timed, first, (round(compile_s, 2) if compile_s > 0 else None), round(first_s, 3), peak
 
 
-def _plain_rounds(bench, case, new_tokens: int):
-    """-> (a function that times one plain greedy batch-1 generation of ``new_tokens``, the
-    list it appends the seconds to): ``_measure``'s ``before_each`` for paired rounds. It runs
-    once untimed here (a compiled backend compiles batch 1 now, not in a pair)."""
-    seconds: list[float] = []
-
-    def run():
-        start = time.perf_counter()
-        run_stream(case.backend, [PROMPT], new_tokens)
-        bm.sync(bench.device)
-        seconds.append(time.perf_counter() - start)
-
-    run()
-    seconds.clear()
-    return run, seconds
-
-
-def _paired(before: list[float], outs: list, scale: float = 1.0) -> float:
-    """Median over rounds of ``scale`` x (seconds of the generation run just before a timed
-    round, by ``_measure``'s ``before_each``) / (the round's seconds): a speed ratio."""
-    return round(statistics.median(
-        scale * b / seconds for b, (_, seconds) in zip(before, outs, strict=True)), 3)
-
-
-def _record(benchmark, bench, case, **fields) -> bm.Result:
+def record(benchmark, bench, case, **fields) -> bm.Result:
     extra = fields.pop("extra", {})
     row = bm.Result(backend=case.backend_name, variant=case.variant, device=bench.device.type,
                     preset=bench.preset, **fields)
@@ -160,53 +131,66 @@ def _record(benchmark, bench, case, **fields) -> bm.Result:
     return row
 
 
-def _throughput_fields(bench, case, batch, new_tokens, outs, extra):
-    """tokens/s spread and decode-step latency percentiles from timed (Generation, steps, s)."""
-    totals = [seconds for (_, _), seconds in outs]
-    tps = [batch * new_tokens / s for s in totals]
-    steps = [s for (_, step_times), _ in outs for s in step_times]
-    ttfts = [g.stats.time_to_first_token for (g, _), _ in outs]
+def throughput(bench, case, subject: Generations, seconds: list[float], batch: int,
+               new_tokens: int, extra: dict) -> dict:
+    """tokens/s spread and decode-step latency percentiles of the timed calls."""
+    tps = [subject.tokens / s for s in seconds]
+    steps = [s for _, step_times in subject.outs for s in step_times]
     itl = bm.spread(steps) if steps else None
-    median_tps = batch * new_tokens / statistics.median(totals)
+    median_tps = subject.tokens / statistics.median(seconds)
     ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config, batch, case.variant)
     extra.update(tokens_per_s_min=round(min(tps), 1), tokens_per_s_max=round(max(tps), 1),
                  itl_p50_ms=None if itl is None else round(1000 * itl["median"], 3),
                  itl_p95_ms=None if itl is None else round(1000 * itl["p95"], 3))
     return dict(batch=batch, new_tokens=new_tokens, tokens_per_s=median_tps,
-                ttft_ms=1000 * statistics.median(ttfts),
-                roofline_pct=bm.roofline_pct(median_tps, ceiling), rounds=len(outs))
+                ttft_ms=1000 * statistics.median(g.stats.time_to_first_token for g, _ in subject.outs),
+                roofline_pct=bm.roofline_pct(median_tps, ceiling), rounds=len(seconds))
 
 
 @pytest.mark.parametrize("batch,new_tokens", [(1, 200), (1, 124), (8, 124), (32, 124)],
                          ids=["b1-200tok", "b1-124tok", "b8-124tok", "b32-124tok"])
 def test_decode(benchmark, bench, case, batch, new_tokens):
     """A 4-token prompt, then ``new_tokens`` greedy tokens per row. 200 crosses the 128-token
-    window, so the overflow re-prefill is part of the figure; 124 stays inside it."""
-    if bench.quick and (batch, new_tokens) != (1, 200):
-        pytest.skip("--bench-quick measures batch 1 / 200 tokens only")
+    window, so the overflow re-prefill is part of the figure; 124 stays inside it. Batch 1 /
+    124 is paired with naive; a larger batch with batch 1 of the same backend."""
+    if bench.quick and (batch, new_tokens) != (1, 124):
+        pytest.skip("--bench-quick measures batch 1 / 124 tokens against naive only")
     if case.backend_name == "naive" and batch > 1 and not bench.full and bench.device.type == "cpu":
         pytest.skip("naive at batch > 1 recomputes every window per token (minutes): --bench-full")
-    prompts = [PROMPT] * batch
+    subject = Generations(case.backend, [PROMPT] * batch, new_tokens)
+    base, kind = None, None
+    if batch > 1:
+        base, kind = ("batch 1", Generations(case.backend, [PROMPT], new_tokens)), "batch"
+    elif new_tokens == 124 and case.backend_name != "naive":
+        base, kind = ("naive", Generations(bench.shared("naive"), [PROMPT], new_tokens)), "vs naive"
+    timed, first, compile_s, first_s, peak = measure(benchmark, bench, case, subject, base)
+    extra = {"first_call_s": first_s, **check_first_call(bench, case, subject.prompts, first.tokens)}
+    seconds = timed.seconds["subject"]
+    if base:
+        sub = candidate(case.backend_name, case.variant, batch, new_tokens, seconds)
+        other = candidate(base[1].backend.name, case.variant if kind == "batch" else "fp32", 1,
+                          new_tokens, timed.seconds[base[0]])
+        bench.comparisons.append(bm.Comparison(kind, "subject", base[0],
+                                               {"subject": sub, base[0]: other}))
+    record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,
+           **throughput(bench, case, subject, seconds, batch, new_tokens, extra))
 
-    def call():
-        gen, steps = run_stream(case.backend, prompts, new_tokens)
-        assert gen.stats.new_tokens == batch * new_tokens
-        return gen, steps
 
-    single, singles = _plain_rounds(bench, case, new_tokens) if batch > 1 else (None, [])
-    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, single)
-    if singles:  # the batch's gain over batch 1 from rounds side by side (see test_speculative)
-        extra["paired_vs_batch1"] = _paired(singles, outs, batch)
-    extra.update(check_first_round(bench, case, prompts, gen.tokens))
-    _record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,
-            **_throughput_fields(bench, case, batch, new_tokens, outs, extra))
+def _drafter(bench, case, drafter: str):
+    """A factory of fresh drafters, as generate.py's --speculative flags build them."""
+    if drafter == "draft":  # --draft-backend ort --draft-variant --draft-vocab
+        vocab = None if bench.draft_vocab is None else frequent_tokens(bench.draft_vocab)
+        draft = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant, vocab)
+        return lambda: ModelDrafter(draft), {"draft_variant": bench.draft_variant,
+                                             "draft_vocab": None if vocab is None else len(vocab)}
+    table = NgramTable.from_data(bench.ngram_data) if drafter == "ngram+data" else None
+    return lambda: NgramDrafter(table=table), {}
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "ngram+data", "draft"])
 def test_speculative(benchmark, bench, case, drafter):
-    """Batch 1, 200 greedy tokens with speculation: tokens/s, the gain over plain greedy from
-    paired rounds (a plain generation runs just before each timed one), acceptance rate and
-    mean tokens per verify step; the tokens must be the plain greedy ones."""
+    """Batch 1, 200 greedy tokens with speculation, paired with plain greedy: tokens/s,
+    acceptance and mean tokens per verify step; the tokens must be the plain greedy ones."""
     if bench.quick:
         pytest.skip("--bench-quick leaves speculative decoding out")
     if case.backend_name == "naive":
@@ -215,33 +199,21 @@ def test_speculative(benchmark, bench, case, drafter):
         pytest.skip("no draft model: --bench-draft DIR, or the default 30m run (tiny drafts)")
     if drafter == "ngram+data" and bench.ngram_data is None:
         pytest.skip("no data folder: --bench-ngram-data DIR, or the bench's own model")
-    draft_backend = vocab = table = None
-    if drafter == "draft":  # as generate.py --draft-backend ort --draft-variant --draft-vocab
-        if bench.draft_vocab is not None:
-            vocab = frequent_tokens(bench.draft_vocab, DRAFT_VOCAB_SIZE)
-        draft_backend = load_draft("ort", bench.draft_dir, case.backend, bench.draft_variant, vocab)
-    if drafter == "ngram+data":  # as generate.py --speculative ngram --ngram-data
-        table = NgramTable.from_data(bench.ngram_data)
-
-    def call():
-        made = ModelDrafter(draft_backend) if drafter == "draft" else NgramDrafter(table=table)
-        return run_stream(case.backend, [PROMPT], 200, made, DRAFT_TOKENS[drafter])
-
-    plain_round, plain = _plain_rounds(bench, case, 200)
-    (gen, _), outs, compile_s, extra, peak = _measure(benchmark, bench, case, call, plain_round)
-    # The gain from rounds taken side by side: the plain row of this backend was measured
-    # minutes earlier, when the machine may have run faster or slower.
-    extra["paired_speedup"] = _paired(plain, outs)
-    extra.update(check_first_round(bench, case, [PROMPT], gen.tokens))
-    s = gen.stats
-    if drafter == "draft":
-        extra.update(draft_variant=bench.draft_variant,
-                     draft_vocab=None if vocab is None else len(vocab))
-    extra.update(drafter=drafter, draft_tokens=DRAFT_TOKENS[drafter], acceptance=round(s.acceptance or 0, 3),
-                 tokens_per_verify_step=round(s.new_tokens / max(1, s.verify_steps), 2))
-    fields = _throughput_fields(bench, case, 1, 200, outs, extra)
-    _record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,
-            scenario="speculative", **fields)
+    make, about = _drafter(bench, case, drafter)
+    subject = Generations(case.backend, [PROMPT], 200, make, DRAFT_TOKENS[drafter])
+    plain = Generations(case.backend, [PROMPT], 200)
+    timed, first, compile_s, first_s, peak = measure(benchmark, bench, case, subject, ("plain", plain))
+    s = first.stats
+    extra = {"first_call_s": first_s, **about, "drafter": drafter, "draft_tokens": DRAFT_TOKENS[drafter],
+             "acceptance": round(s.acceptance or 0, 3),
+             "tokens_per_verify_step": round(s.new_tokens / max(1, s.verify_steps), 2),
+             **check_first_call(bench, case, [PROMPT], first.tokens)}
+    seconds = timed.seconds["subject"]
+    bench.comparisons.append(bm.Comparison("speculative", "subject", "plain", {
+        "subject": candidate(case.backend_name, case.variant, 1, 200, seconds, drafter=drafter),
+        "plain": candidate(case.backend_name, case.variant, 1, 200, timed.seconds["plain"])}))
+    record(benchmark, bench, case, peak_mem_mb=peak, compile_s=compile_s, extra=extra,
+           scenario="speculative", **throughput(bench, case, subject, seconds, 1, 200, extra))
 
 
 @pytest.mark.parametrize("prompt_tokens", [4, 128], ids=["prompt4", "prompt128"])
@@ -249,15 +221,20 @@ def test_time_to_first_token(benchmark, bench, case, prompt_tokens):
     """One prefill of ``prompt_tokens`` plus the first greedy sample, read back to the host."""
     if bench.quick and prompt_tokens != 128:
         pytest.skip("--bench-quick measures the 128-token prefill only")
-    ids = torch.tensor([_prompt_ids(prompt_tokens, bench.config.vocab_size)], device=case.backend.device)
+    gen = torch.Generator().manual_seed(prompt_tokens)
+    ids = torch.randint(0, bench.config.vocab_size, (1, prompt_tokens), generator=gen).to(case.backend.device)
 
     @torch.inference_mode()
     def call():
         logits, _ = case.backend.prefill(ids, None)
         return logits.argmax(-1).tolist()
 
-    _, outs, compile_s, extra, peak = _measure(benchmark, bench, case, call)
-    seconds = statistics.median(s for _, s in outs)
-    _record(benchmark, bench, case, batch=1, new_tokens=1, tokens_per_s=prompt_tokens / seconds,
-            ttft_ms=1000 * seconds, peak_mem_mb=peak, roofline_pct=None, compile_s=compile_s,
-            scenario="prefill", prompt_tokens=prompt_tokens, rounds=len(outs), extra=extra)
+    bench.mem.reset()
+    timed = bm.interleaved({"prefill": call}, bench.rounds, sync=lambda: bm.sync(bench.device),
+                           benchmark=benchmark, primary="prefill")
+    seconds = statistics.median(timed.seconds["prefill"])
+    record(benchmark, bench, case, batch=1, new_tokens=1, tokens_per_s=prompt_tokens / seconds,
+           ttft_ms=1000 * seconds,
+           peak_mem_mb=None if bench.device.type == "cuda" else bench.mem.peak_mb(case.baseline_mb),
+           roofline_pct=None, scenario="prefill", prompt_tokens=prompt_tokens,
+           rounds=len(timed.seconds["prefill"]))

@@ -3,10 +3,9 @@ and llama.cpp (f32 and q8_0), each converted from the export's ``hf/`` folder wi
 converter, timed on the scenario
 ``test_backends.test_decode[b1-124tok]`` times (a 4-token prompt, 124 greedy tokens: the
 128 positions GPT-2's converters allow), beside our rows in the same run and table.
-A 32-bit engine's tokens must equal eager's before it is timed. Each of its timed rounds
-follows one of our ort backend at the same precision (fp32, or int8 against an 8-bit
-engine), timed beside it: the row's ``ort_paired_ratio`` is the median of ort's speed over
-the engine's, round by round (this machine drifts more between rows than within a round).
+A 32-bit engine's tokens must equal eager's. Its rounds are interleaved with our ort
+backend's at the same precision (fp32, or int8 against an 8-bit engine) by
+``benchmark.interleaved``: the comparison's gain is ort's speed over the engine's.
 """
 
 from __future__ import annotations
@@ -14,17 +13,15 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from slm_export import benchmark as bm
-from slm_export.runtime import GREEDY, generate, load_backend
+from slm_export.runtime import GREEDY, generate
 
 PROMPT = [7454, 2402, 257, 640]  # "Once upon a time"
 NEW_TOKENS = 124
-SETTLE_S = 0.2  # pause before and after ort's paired round (see _time_engine)
 
 
 @pytest.fixture(autouse=True)
@@ -99,54 +96,41 @@ def _hf_folder(bench) -> Path:
 
 
 def _time_engine(benchmark, bench, call, engine: str, variant: str, bits: int, version: str):
-    """Time ``call`` (-> its NEW_TOKENS greedy tokens) and add the row. A 32-bit engine's tokens
-    must equal eager's; an 8-bit one's agreement with them is reported. Each timed round
-    follows one of ort's on the CPU at ``bits`` (fp32 or int8), timed beside it: the row's
-    ``ort_paired_ratio``."""
-    first = call()
+    """Time ``call`` (-> its NEW_TOKENS greedy tokens) in interleaved rounds beside our ort
+    backend on the CPU at ``bits`` (fp32, or int8 against an 8-bit engine), and add the row
+    and the comparison (ort's gain over the engine). A 32-bit engine's tokens must equal
+    eager's; an 8-bit one's agreement with them is reported."""
     want = bench.reference([PROMPT], NEW_TOKENS)[0]
+    ours_variant = "int8" if bits == 8 else "fp32"
+    ours = bench.shared("ort", ours_variant, "cpu")  # on the CPU, as the engines run
+
+    def ort_call():
+        return generate(ours, [PROMPT], max_new_tokens=NEW_TOKENS, sampling=GREEDY, stop_id=None)
+
+    timed = bm.interleaved({"engine": call, "ort": ort_call}, bench.rounds, benchmark=benchmark,
+                           primary="engine")
+    first = timed.first["engine"]
     if bits == 32:
         assert first == want, f"{engine} {variant} gives other greedy tokens than eager"
-    ours_variant = "int8" if bits == 8 else "fp32"
-    ours = load_backend("ort", bench.model_dir, "cpu", variant=ours_variant,  # as the engines
-                        threads=bench.threads)
-    times, ours_times = [], []
-
-    def ours_round():
-        # A thread pool keeps spinning on the cores for a while after its work (ORT's: an
-        # engine started at once ran slower, llama.cpp q8_0 347 against 410-421 tok/s after
-        # a 0.2 s pause; llama.cpp's own pool polls too): each round starts on idle cores.
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        generate(ours, [PROMPT], max_new_tokens=NEW_TOKENS, sampling=GREEDY, stop_id=None)
-        ours_times.append(time.perf_counter() - t0)
-        time.sleep(SETTLE_S)
-
-    def timed():
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-
-    ours_round()  # warm-up
-    ours_times.clear()
-    benchmark.pedantic(timed, setup=ours_round, rounds=bench.min_rounds, iterations=1,
-                       warmup_rounds=0)
-    paired = statistics.median(t / o for t, o in zip(times, ours_times, strict=True))
-    tps = [NEW_TOKENS / t for t in times]
-    median = NEW_TOKENS / statistics.median(times)
-    ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config, 1,
-                                       "int8" if bits == 8 else "fp32")
+    seconds = timed.seconds["engine"]
+    tps = [NEW_TOKENS / t for t in seconds]
+    median = NEW_TOKENS / statistics.median(seconds)
+    ceiling = bm.roofline_tokens_per_s(bench.bandwidth, bench.config, 1, ours_variant)
     same = sum(a == b for a, b in zip(first, want, strict=False)) / len(want)
     row = bm.Result(backend=engine, variant=variant, device="cpu", preset=bench.preset,
                     batch=1, new_tokens=NEW_TOKENS, tokens_per_s=median, ttft_ms=None,
                     peak_mem_mb=None, roofline_pct=bm.roofline_pct(median, ceiling),
-                    rounds=len(times),
+                    rounds=len(seconds),
                     extra={"tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
                            "parity": f"{same:.0%} of eager's greedy tokens", "threads": bench.threads,
-                           "engine": version, "ort_paired_variant": ours_variant,
-                           "ort_paired_ratio": round(paired, 3)})
+                           "engine": version})
     bench.results.append(row)
     benchmark.extra_info.update(row.to_json())
+    bench.comparisons.append(bm.Comparison("engine", "ort", "engine", {
+        "ort": {"backend": "ort", "variant": ours_variant, "batch": 1, "new_tokens": NEW_TOKENS,
+                "tokens": NEW_TOKENS, "seconds": timed.seconds["ort"]},
+        "engine": {"backend": engine, "variant": variant, "batch": 1, "new_tokens": NEW_TOKENS,
+                   "tokens": NEW_TOKENS, "seconds": seconds}}))
 
 
 def _ct2_pieces(hf) -> dict[int, str]:
