@@ -1,0 +1,171 @@
+"""slm-serve under load: C concurrent streaming clients (C = 1, 4, 16) on a free loopback
+port, each asking for 128 greedy tokens of a stories prompt, a bounded number of requests.
+
+Per backend and C: aggregate tokens/s (every client's tokens over the run's wall time), time
+to first token and inter-token latency p50 / p95 (per request, from the client's side of the
+stream) and failed requests, which must be 0. C = 16 and C = 1 are timed in interleaved
+rounds (``benchmark.interleaved``): their throughput ratio is a paired comparison. With
+``--bench-engines`` and llama-cpp-python's server installed, llama.cpp's own server runs the
+same load on the GGUF of the same weights.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from slm_export import benchmark as bm
+
+httpx = pytest.importorskip("httpx", reason="the serving bench needs httpx (the bench extra)")
+
+CLIENTS = (1, 4, 16)
+NEW_TOKENS = 128
+REQUESTS_PER_CLIENT = 2
+PROMPTS = ["Once upon a time", "One day, a little girl named", "The dog saw a big red ball and",
+           "Tom and Sue went to the park. They", "There was a tiny frog who", "Mom said to Tim,",
+           "In the forest there was a bear who", "Lily wanted to play with her friend"]
+SERVE_CASES = [("ort", "fp32"), ("ort", "int8"), ("aoti", "fp32"), ("eager", "fp32"), ("compiled", "fp32")]
+
+
+class Load:
+    """One load run: C client threads, each sending its requests one after another and
+    reading the stream; keeps per-request first-token times and inter-chunk gaps."""
+
+    def __init__(self, url: str, clients: int, model: str | None = None):
+        self.url, self.clients, self.model = url, clients, model
+        self.ttft, self.itl, self.tokens, self.failed = [], [], 0, 0
+
+    def __call__(self) -> None:
+        """One run; the figures are the last run's."""
+        self.ttft, self.itl, self.tokens, self.failed = [], [], 0, 0
+        lock = threading.Lock()
+
+        def client(c: int) -> None:
+            with httpx.Client(base_url=self.url, timeout=300) as http:
+                for r in range(REQUESTS_PER_CLIENT):
+                    body = {"prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": NEW_TOKENS,
+                            "temperature": 0, "stream": True}
+                    if self.model:
+                        body["model"] = self.model
+                    result = self._one(http, body)
+                    with lock:
+                        if result is None:
+                            self.failed += 1
+                        else:
+                            first, gaps, n = result
+                            self.ttft.append(first)
+                            self.itl += gaps
+                            self.tokens += n
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+
+    @staticmethod
+    def _one(http, body) -> tuple[float, list[float], int] | None:
+        """(time to first text, gaps between text chunks, chunks) of one streamed request."""
+        start, last, first, gaps, n, done = time.perf_counter(), None, None, [], 0, False
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return None
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: ") and '"text": ""' not in line and '"text":""' not in line:
+                    now = time.perf_counter()
+                    first = first if first is not None else now - start
+                    if last is not None:
+                        gaps.append(now - last)
+                    last, n = now, n + 1
+        return (first, gaps, n) if done and first is not None else None
+
+
+def _row(bench, backend: str, variant: str, load: Load, seconds: float) -> bm.Result:
+    ttft, itl = bm.spread(load.ttft or [0.0]), bm.spread(load.itl or [0.0])
+    return bm.Result(
+        backend=backend, variant=variant, device=bench.device.type, preset=bench.preset,
+        batch=load.clients, new_tokens=NEW_TOKENS, tokens_per_s=load.tokens / seconds,
+        ttft_ms=1000 * ttft["median"], peak_mem_mb=None, roofline_pct=None, scenario="serve",
+        rounds=1, extra={"clients": load.clients, "requests": load.clients * REQUESTS_PER_CLIENT,
+                         "failed": load.failed, "ttft_p95_ms": round(1000 * ttft["p95"], 2),
+                         "itl_p50_ms": round(1000 * itl["median"], 3),
+                         "itl_p95_ms": round(1000 * itl["p95"], 3), "threads": bench.threads,
+                         "parity": f"{load.failed} failed"})
+
+
+def _serve(bench, name: str, variant: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers.server import serving
+
+    return serving(bench.model_dir, "--backend", name, "--variant", variant, "--max-batch",
+                   str(max(CLIENTS)), "--device", bench.device.type)
+
+
+@pytest.mark.parametrize("name,variant", SERVE_CASES, ids=[f"{b}-{v}" for b, v in SERVE_CASES])
+def test_serving(benchmark, bench, name, variant):
+    if bench.quick:
+        pytest.skip("--bench-quick leaves the serving load out")
+    wanted = bench.wanted
+    if wanted is not None and (name, variant) not in wanted:
+        pytest.skip("not among --bench-backends")
+    if name == "aoti" and bench.device.type != "cpu":
+        pytest.skip("aoti: the bench's package is compiled for the CPU")
+    with _serve(bench, name, variant) as server:
+        loads = {c: Load(server.url, c) for c in CLIENTS}
+        timed = bm.interleaved({f"C={c}": loads[c] for c in (16, 1, 4)}, rounds=1, warmup=1,
+                               benchmark=benchmark, primary="C=16")
+    for c, load in loads.items():
+        seconds = timed.seconds[f"C={c}"][0]
+        assert load.failed == 0, f"{load.failed} failed requests at C={c}"
+        bench.results.append(_row(bench, name, variant, load, seconds))
+    per_run = NEW_TOKENS * REQUESTS_PER_CLIENT
+    bench.comparisons.append(bm.Comparison("serve", "C=16", "C=1", {
+        f"C={c}": {"backend": name, "variant": variant, "batch": 1, "clients": c,
+                   "tokens": per_run * c, "seconds": timed.seconds[f"C={c}"]} for c in (16, 1)}))
+
+
+def test_llama_cpp_server(benchmark, bench):
+    """llama.cpp's own server (llama-cpp-python's ``llama_cpp.server``) on the f32 GGUF of the
+    same weights under the C = 16 load."""
+    if not bench.engines:
+        pytest.skip("other engines run with --bench-engines")
+    pytest.importorskip("llama_cpp.server", reason="pip install 'llama-cpp-python[server]'")
+    gguf = bench.model_dir / "llama.cpp" / "model.f32.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} is missing: bench/test_engines.py writes it (--bench-llama-cpp DIR)")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--n_threads", str(bench.threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        load = Load(url, 16, model=str(gguf))
+        timed = bm.interleaved({"C=16": load}, rounds=1, benchmark=benchmark, primary="C=16")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    import llama_cpp
+
+    row = _row(bench, "llama.cpp server", "f32", load, timed.seconds["C=16"][0])
+    row.extra["engine"] = f"llama-cpp-python {llama_cpp.__version__} (llama_cpp.server)"
+    bench.results.append(row)
+    assert load.failed == 0, f"{load.failed} failed requests"

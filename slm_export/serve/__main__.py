@@ -1,0 +1,3 @@
+from slm_export.serve.cli import main
+
+raise SystemExit(main())
