@@ -4,7 +4,9 @@
 - ``lr.png``: the learning-rate schedule of the run;
 - ``weights.png``: weight distributions (token embedding, attention, MLP, LayerNorm);
 - ``attention.png``: attention weights of one layer/head on a sample prompt, recomputed from
-  the block's ``c_attn`` (the model itself uses SDPA, which does not return them).
+  the block's ``c_attn`` (the model itself uses SDPA, which does not return them);
+- ``summary.png``: one page of how the run went: the losses, the LR schedule, validation
+  accuracy and training tokens/s per evaluation.
 """
 
 from __future__ import annotations
@@ -79,6 +81,33 @@ def plot_lr(train_config: dict, out: Path) -> Path:
            title=f"warmup {cfg.warmup_iters}, cosine to step {cfg.decay_iters}")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(plt, fig, out)
+
+
+def plot_summary(metrics: list[dict], train_config: dict | None, out: Path) -> Path:
+    """Losses, LR, validation accuracy and tokens/s on one page."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100)
+    steps = [m["step"] for m in metrics]
+    (loss, lr), (acc, speed) = axes
+    loss.plot(steps, [m["train_loss"] for m in metrics], marker="o", label="train")
+    loss.plot(steps, [m["val_loss"] for m in metrics], marker="o", label="val")
+    loss.set(title="loss", xlabel="step", ylabel="nats / token")
+    loss.legend()
+    if train_config:
+        cfg = TrainConfig.from_dict(train_config)
+        xs = range(0, cfg.max_iters + 1, max(1, cfg.max_iters // 200))
+        lr.plot(list(xs), [optim.lr_at(s, **cfg.schedule) for s in xs])
+    lr.set(title="learning rate", xlabel="step")
+    acc.plot(steps, [m.get("val_acc", float("nan")) for m in metrics], marker="o", color="tab:green")
+    acc.set(title="validation next-token accuracy", xlabel="step", ylim=(0, 1))
+    rate = [(m["step"], m["tokens_per_s"]) for m in metrics if m.get("tokens_per_s")]
+    speed.plot([s for s, _ in rate], [t for _, t in rate], marker="o", color="tab:purple")
+    speed.set(title="training tokens/s", xlabel="step")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    last = metrics[-1] if metrics else {}
+    fig.suptitle(f"run summary: step {last.get('step', 0)}, val loss {last.get('val_loss', float('nan')):.3f}")
     return _save(plt, fig, out)
 
 
@@ -181,6 +210,7 @@ def write_all(run_dir: str | os.PathLike, layer: int | None = None, head: int = 
         "lr.png": (lambda p: plot_lr(ckpt["train_config"], p)) if ckpt.get("train_config") else None,
         "weights.png": lambda p: plot_weights(ckpt["model"], p),
         "attention.png": lambda p: plot_attention(model, p, layer=layer, head=head),
+        "summary.png": (lambda p: plot_summary(metrics, ckpt.get("train_config"), p)) if metrics else None,
     }
     written = []
     for name, draw in todo.items():

@@ -44,14 +44,21 @@ def run_dir(tmp_path) -> Path:
 
 def test_plots_only_writes_valid_pngs(run_dir, capsys):
     assert main(["--plots-only", str(run_dir)]) == 0
-    names = {"loss.png", "lr.png", "weights.png", "attention.png"}
+    names = {"loss.png", "lr.png", "weights.png", "attention.png", "summary.png"}
     assert {p.name for p in (run_dir / "plots").iterdir()} == names
     for name in names:
         path = run_dir / "plots" / name
         width, height = png_size(path)
         assert 400 <= width <= 2000 and 300 <= height <= 2000, (name, width, height)
         assert path.stat().st_size > 5_000, name
-    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5
+
+
+def test_the_end_of_a_run_says_where_its_plots_are(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*TINY_RUN, "--data-root", str(tmp_path / "data"), "--out-dir", str(run)]) == 0
+    assert f"plots: {run / 'plots'} (summary.png: the run at a glance)" in capsys.readouterr().out
+    assert png_size(run / "plots" / "summary.png")[0] >= 800
 
 
 def test_plots_only_without_checkpoint_is_an_error(tmp_path, capsys):
@@ -120,7 +127,8 @@ def test_a_plot_that_fails_is_one_warning_and_the_run_succeeds(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: {run / 'plots' / 'weights.png'} not drawn "
                    "(ValueError: Too many bins for data range.)"]
-    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "attention.png"}
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "attention.png",
+                                                           "summary.png"}
     assert checkpoint.load(run / "ckpt.pt")["step"] == 2
 
 
@@ -141,7 +149,7 @@ def test_two_step_run_of_each_preset_draws_its_plots(name, stories_root, tmp_pat
                  "--device", "cpu", "--data-root", str(stories_root), "--out-dir", str(run),
                  "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
-    for png in ("loss.png", "lr.png", "weights.png", "attention.png"):
+    for png in ("loss.png", "lr.png", "weights.png", "attention.png", "summary.png"):
         width, height = png_size(run / "plots" / png)
         assert width >= 400 and height >= 300
     ckpt = checkpoint.load(run / "ckpt.pt")

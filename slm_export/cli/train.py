@@ -242,4 +242,6 @@ def main(argv=None) -> int:
         last = result.metrics[-1]
         print(f"done: step {result.step}, val loss {last['val_loss']:.4f}, best "
               f"{result.best_val_loss:.4f}; weights {result.out_dir / 'best.pt'}")
+        if cfg.plots and (result.out_dir / "plots" / "summary.png").is_file():
+            print(f"plots: {result.out_dir / 'plots'} (summary.png: the run at a glance)")
     return 0
