@@ -107,7 +107,8 @@ def plot_summary(metrics: list[dict], train_config: dict | None, out: Path) -> P
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     last = metrics[-1] if metrics else {}
-    fig.suptitle(f"run summary: step {last.get('step', 0)}, val loss {last.get('val_loss', float('nan')):.3f}")
+    val = last.get("val_loss", float("nan"))
+    fig.suptitle(f"run summary: step {last.get('step', 0)}, val loss {val:.3f}")
     return _save(plt, fig, out)
 
 
