@@ -3,7 +3,7 @@ port, each asking for 128 greedy tokens of a stories prompt, a bounded number of
 
 Per backend and C: aggregate tokens/s (every client's tokens over the run's wall time), time
 to first token and inter-token latency p50 / p95 (per request, from the client's side of the
-stream) and failed requests, which must be 0. C = 16 and C = 1 are timed in interleaved
+stream) and failed requests, which must be 0. C = 1, 4 and 16 are timed in interleaved
 rounds (``benchmark.interleaved``): their throughput ratio is a paired comparison. With
 ``--bench-engines`` and llama-cpp-python's server installed, llama.cpp's own server runs the
 same load on the GGUF of the same weights.
@@ -11,6 +11,7 @@ same load on the GGUF of the same weights.
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,11 +35,13 @@ SERVE_CASES = [("ort", "fp32"), ("ort", "int8"), ("aoti", "fp32"), ("eager", "fp
 
 class Load:
     """One load run: C client threads, each sending its requests one after another and
-    reading the stream; keeps per-request first-token times and inter-chunk gaps."""
+    reading the stream; keeps the last run's per-request first-token times and inter-chunk
+    gaps (every run's tokens are the same: greedy, the same prompts)."""
 
     def __init__(self, url: str, clients: int, model: str | None = None):
         self.url, self.clients, self.model = url, clients, model
         self.ttft, self.itl, self.tokens, self.failed = [], [], 0, 0
+        self.failed_runs = 0  # runs with a failed request, over every call
 
     def __call__(self) -> None:
         """One run; the figures are the last run's."""
@@ -67,6 +70,7 @@ class Load:
             t.start()
         for t in threads:
             t.join(timeout=600)
+        self.failed_runs += self.failed > 0
 
     @staticmethod
     def _one(http, body) -> tuple[float, list[float], int] | None:
@@ -87,13 +91,14 @@ class Load:
         return (first, gaps, n) if done and first is not None else None
 
 
-def _row(bench, backend: str, variant: str, load: Load, seconds: float) -> bm.Result:
+def _row(bench, backend: str, variant: str, load: Load, seconds: list[float]) -> bm.Result:
+    """The row of a load's runs: tokens/s over the median run, latencies of the last run."""
     ttft, itl = bm.spread(load.ttft or [0.0]), bm.spread(load.itl or [0.0])
     return bm.Result(
         backend=backend, variant=variant, device=bench.device.type, preset=bench.preset,
-        batch=load.clients, new_tokens=NEW_TOKENS, tokens_per_s=load.tokens / seconds,
+        batch=load.clients, new_tokens=NEW_TOKENS, tokens_per_s=load.tokens / statistics.median(seconds),
         ttft_ms=1000 * ttft["median"], peak_mem_mb=None, roofline_pct=None, scenario="serve",
-        rounds=1, extra={"clients": load.clients, "requests": load.clients * REQUESTS_PER_CLIENT,
+        rounds=len(seconds), extra={"clients": load.clients, "requests": load.clients * REQUESTS_PER_CLIENT,
                          "failed": load.failed, "ttft_p95_ms": round(1000 * ttft["p95"], 2),
                          "itl_p50_ms": round(1000 * itl["median"], 3),
                          "itl_p95_ms": round(1000 * itl["p95"], 3), "threads": bench.threads,
@@ -119,12 +124,11 @@ def test_serving(benchmark, bench, name, variant):
         pytest.skip("aoti: the bench's package is compiled for the CPU")
     with _serve(bench, name, variant) as server:
         loads = {c: Load(server.url, c) for c in CLIENTS}
-        timed = bm.interleaved({f"C={c}": loads[c] for c in (16, 1, 4)}, rounds=1, warmup=1,
+        timed = bm.interleaved({f"C={c}": loads[c] for c in (16, 1, 4)}, rounds=bench.rounds,
                                benchmark=benchmark, primary="C=16")
     for c, load in loads.items():
-        seconds = timed.seconds[f"C={c}"][0]
-        assert load.failed == 0, f"{load.failed} failed requests at C={c}"
-        bench.results.append(_row(bench, name, variant, load, seconds))
+        assert load.failed_runs == 0, f"failed requests at C={c}"
+        bench.results.append(_row(bench, name, variant, load, timed.seconds[f"C={c}"]))
     per_run = NEW_TOKENS * REQUESTS_PER_CLIENT
     bench.comparisons.append(bm.Comparison("serve", "C=16", "C=1", {
         f"C={c}": {"backend": name, "variant": variant, "batch": 1, "clients": c,
@@ -159,13 +163,13 @@ def test_llama_cpp_server(benchmark, bench):
             except httpx.HTTPError:
                 time.sleep(0.5)
         load = Load(url, 16, model=str(gguf))
-        timed = bm.interleaved({"C=16": load}, rounds=1, benchmark=benchmark, primary="C=16")
+        timed = bm.interleaved({"C=16": load}, rounds=bench.rounds, benchmark=benchmark, primary="C=16")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     import llama_cpp
 
-    row = _row(bench, "llama.cpp server", "f32", load, timed.seconds["C=16"][0])
+    row = _row(bench, "llama.cpp server", "f32", load, timed.seconds["C=16"])
     row.extra["engine"] = f"llama-cpp-python {llama_cpp.__version__} (llama_cpp.server)"
     bench.results.append(row)
-    assert load.failed == 0, f"{load.failed} failed requests"
+    assert load.failed_runs == 0, "failed requests"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if absent) and installs slm-export with the given extras (e.g. "test",
-# "gpu", "gpu,test").
+# "gpu", "gpu,test"). With "test", Debian's chromium and chromedriver too (the playground's
+# browser test), where apt-get can install them; otherwise that test skips and says why.
 #   TORCH_SPEC   what to install for torch; default torch==2.13.0 (on Linux x86_64 PyPI serves
 #                it as a CUDA 13 build; this project's machines find a CPU wheel on disk).
 #                TORCH_SPEC=skip keeps the torch already in .venv.
@@ -34,6 +35,16 @@ if ! "$py" -c "from slm_export import tokenizer as t; t.load_ranks(t.BPE_DATA)" 
         "$tmp"/*.tar.gz
 fi
 "$py" -c "from slm_export.tokenizer import get_encoding; assert get_encoding().n_vocab == 50257"
+if [[ ",$extras," == *,test,* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+    if command -v apt-get >/dev/null && "${sudo[@]}" true 2>/dev/null; then
+        { "${sudo[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" \
+            apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 \
+            || echo "install.sh: apt-get could not install chromium (the browser test will skip)"
+    else
+        echo "install.sh: no apt-get with root here: the browser test will skip without chromium"
+    fi
+fi
 if [[ ",$extras," == *,gpu,* ]]; then  # GPU mode: refuse a mixed install now, not at first use
     "$py" - <<'PY'
 import sys, torch

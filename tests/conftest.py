@@ -53,9 +53,21 @@ RUN_ENV = "SLM_TEST_RUN"  # a folder for the trained run (best.pt, export/, data
 
 def _run_root(tmp_path_factory) -> Path:
     """Where the session's trained run lives: ``$SLM_TEST_RUN`` (CI's quick bench reads the
-    same run; a later session reuses a complete one), else a temporary folder."""
+    same run; a later session reuses a complete one made by the same source code), else a
+    temporary folder."""
+    import hashlib
+    import shutil
+
     kept = os.environ.get(RUN_ENV)
-    return Path(kept) if kept else tmp_path_factory.mktemp("trained")
+    if not kept:
+        return tmp_path_factory.mktemp("trained")
+    root, package = Path(kept), Path(__file__).resolve().parents[1] / "slm_export"
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.rglob("*.py")))).hexdigest()
+    if not (root / "source.sha256").is_file() or (root / "source.sha256").read_text() != stamp:
+        shutil.rmtree(root, ignore_errors=True)  # made by other code: not this code's run
+        root.mkdir(parents=True)
+        (root / "source.sha256").write_text(stamp)
+    return root
 
 
 @pytest.fixture(scope="session")
