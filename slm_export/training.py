@@ -296,6 +296,32 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class StopVote:
+    """One step's Ctrl-C votes of every rank, summed by an all-reduce and read a step later.
+
+    On CUDA the sum is copied to pinned host memory without blocking and an event marks the
+    copy: reading waits for that event only (the all-reduce and the copy, long done by the
+    next step), where ``.item()`` on the device tensor would wait for everything queued on
+    the stream since, the next step's forward and backward included."""
+
+    def __init__(self, requested: bool, device: torch.device):
+        vote = torch.full((1,), float(requested), device=device)
+        torch.distributed.all_reduce(vote)
+        self.event = None
+        if device.type == "cuda":  # CUDA-only (tests/test_training.py covers the CPU path)
+            self.host = torch.empty(1, pin_memory=True)
+            self.host.copy_(vote, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = vote
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item() > 0)
+
+
 class Interrupted(SlmError):
     """Training stopped on Ctrl-C after saving ckpt.pt (exit code 130)."""
 
@@ -596,12 +622,10 @@ class Trainer:
         if not self.dist.enabled:
             return stop.requested
         # Every rank must stop after the same step, or the others would wait forever in the next
-        # all-reduce. The votes are summed on the device and read one step later, when the GPU
-        # has long finished that all-reduce: reading at once would stall the GPU every step.
+        # all-reduce. The votes are summed on the device and read one step later.
         previous = self._stop_vote
-        self._stop_vote = torch.full((1,), float(stop.requested), device=self.device)
-        torch.distributed.all_reduce(self._stop_vote)
-        return previous is not None and bool(previous.item() > 0)
+        self._stop_vote = StopVote(stop.requested, self.device)
+        return previous is not None and previous.read()
 
     def _end_collectives(self) -> None:
         """Every rank ends here together (finished, or interrupted after the same step)."""

@@ -159,6 +159,31 @@ def test_export_cli_without_a_compiler(monkeypatch, capsys, tiny_ckpt):
     assert err == ["error: --format aoti needs a C++ compiler: no working C++ compiler (test)"]
 
 
+def test_a_cuda_package_needs_the_cuda_toolkit(monkeypatch, tmp_path, capsys):
+    """AOTInductor compiles a CUDA package with the toolkit's nvcc and headers, which a driver
+    and pip's CUDA runtime wheels lack: the check names the missing piece in one line, export.py
+    --device cuda refuses aoti with it, and --format all leaves aoti out saying why."""
+    from torch.utils import cpp_extension
+
+    from slm_export.cli import export as cli
+    from slm_export.export import aoti
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert "no CUDA toolkit found" in aoti.cuda_toolkit_problem()
+    with pytest.raises(SlmError, match="--format aoti --device cuda needs the CUDA toolkit: no CUDA"):
+        aoti.require("cuda")
+    aoti.require("cpu")  # the CPU needs a C++ compiler only
+    assert cli._available(cli.FORMATS["all"], torch.device("cuda")) == ("onnx", "torchscript")
+    assert "skipping aoti (model_kv.pt2): no CUDA toolkit found" in capsys.readouterr().out
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert aoti.cuda_toolkit_problem() == f"the CUDA toolkit at {tmp_path} has no bin/nvcc: set " \
+                                          "CUDA_HOME to a complete toolkit"
+    for part in ("bin/nvcc", "include/cuda_runtime_api.h"):
+        (tmp_path / part).parent.mkdir(exist_ok=True)
+        (tmp_path / part).touch()
+    assert aoti.cuda_toolkit_problem() is None
+
+
 # -- the C++ runner -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -166,6 +191,11 @@ def runner(tmp_path_factory) -> Path:
     """cpp/ built once per session against the installed torch's libtorch."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake not found: the C++ runner needs cmake and a C++ compiler (CI has both)")
+    from slm_export.export.aoti import cuda_toolkit_problem
+
+    if torch.version.cuda and (problem := cuda_toolkit_problem()):  # libtorch's CMake config needs it
+        pytest.skip(f"torch {torch.__version__} is a CUDA build, whose CMake config needs the CUDA "
+                    f"toolkit: {problem}")
     build = Path(os.environ.get("SLM_CPP_BUILD_DIR") or tmp_path_factory.mktemp("slm-run"))
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     steps = [["cmake", "-S", str(ROOT / "cpp"), "-B", str(build), *generator,
@@ -208,19 +238,29 @@ def test_cpp_runner_errors_are_one_line(runner, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "must be a .pt2" in proc.stderr
 
 
-@pytest.mark.cuda
-def test_cuda_package_parity(trained_ckpt, tmp_path, eager, runner):
-    """On a GPU: a package compiled for CUDA serves eager's greedy tokens, in Python and C++."""
+@pytest.fixture(scope="module")
+def cuda_package(trained_ckpt, tmp_path_factory):
     from slm_export.export import build
 
-    folder = tmp_path / "export"
+    folder = tmp_path_factory.mktemp("cuda-aoti") / "export"
     build(trained_ckpt, folder, formats=("aoti",), device="cuda")
-    backend = load_backend("aoti", folder, "cuda")
+    return folder
+
+
+@pytest.mark.cuda
+def test_cuda_package_parity(cuda_package, eager, lockstep):
+    """On a GPU: a package compiled for CUDA serves eager's greedy tokens (ties aside)."""
+    backend = load_backend("aoti", cuda_package, "cuda")
     rows = [encode(p) for p in PROMPTS]
-    kw = dict(max_new_tokens=180, sampling=GREEDY, stop_id=None)
-    assert generate(backend, rows, **kw).tokens == generate(eager, rows, **kw).tokens
+    lockstep(eager, backend, rows, max_new_tokens=180, rel_tol=2e-4)
     with pytest.raises(SlmError, match="compiled for cuda"):
-        load_backend("aoti", folder, "cpu")
+        load_backend("aoti", cuda_package, "cpu")
+
+
+@pytest.mark.cuda
+def test_cpp_runner_on_a_cuda_package(cuda_package, eager, runner):
+    """On a GPU: the C++ runner serves the CUDA package's greedy tokens."""
+    folder = cuda_package
     proc = subprocess.run([str(runner), "--model", str(folder / "model_kv.pt2"), "--ids", "7454,2402",
                            "--max-new-tokens", "50", "--device", "cuda"], capture_output=True, text=True)
     want = generate(eager, [[7454, 2402]], max_new_tokens=50, sampling=GREEDY).tokens[0]

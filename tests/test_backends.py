@@ -190,6 +190,26 @@ def test_cuda_greedy_parity(name, trained_model, backends, trained_export, promp
     assert_eager_text_until_ties(r.generation.tokens, eager_greedy.tokens, r.ties)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["eager", "compiled", "torchscript", "ort"])
+def test_cuda_logits_are_the_callers(name, trained_model, trained_export):
+    """A CUDA graph writes its outputs into one buffer: compiled hands out copies, so logits
+    from one call survive the next on every backend."""
+    import copy
+
+    if registry.backend(name).from_checkpoint:
+        backend = backend_for_model(name, copy.deepcopy(trained_model).cuda())
+    else:
+        backend = load_backend(name, trained_export, "cuda")
+    with torch.inference_mode():
+        _, state = backend.prefill(torch.tensor([[7454, 2402, 257]]), None)
+        first, state = backend.forward(torch.tensor([640]), state)
+        kept = first.clone()
+        for token in (11, 262, 13):
+            _, state = backend.forward(torch.tensor([token]), state)
+    torch.testing.assert_close(first, kept, atol=0, rtol=0)
+
+
 # -- the contract -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL)

@@ -85,3 +85,14 @@ def test_doctor_exports_only_what_its_backends_read(monkeypatch, tmp_path, backe
     doctor._export_smoke_model(tmp_path, backends)
     left = [f for f in formats or [] if f != "aoti"]
     assert asked == ([left] if left else [])
+
+
+def test_the_doctors_gpu_extras_run_their_logic_on_the_cpu(tmp_path):
+    """What the doctor adds on CUDA (speculation per backend, two training steps per
+    precision), run here on the CPU so the lines a GPU runs are not new there."""
+    from slm_export import doctor
+
+    model = doctor._export_smoke_model(tmp_path, ["ort"])
+    rows = doctor.extras(tmp_path, model, ["eager", "ort"], "cpu")
+    assert [(r.backend, r.status) for r in rows] == [
+        ("eager + ngram", "PASS"), ("ort + ngram", "PASS"), ("train fp32", "PASS")], rows

@@ -790,3 +790,36 @@ def test_cuda_30m_recipe_step_fits_a_4gb_gpu():
     assert math.isfinite(loss.item())
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     assert peak_gb < 3.0, f"peak {peak_gb:.2f} GB"
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank (what a DDP run's collectives need)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_stop_vote_is_summed_and_read_a_step_later(one_rank_group):
+    from slm_export.training import StopVote
+
+    assert StopVote(True, torch.device("cpu")).read() is True
+    assert StopVote(False, torch.device("cpu")).read() is False
+
+
+@pytest.mark.cuda
+def test_the_stop_vote_on_cuda_waits_for_its_copy_only(tmp_path):
+    """On a GPU the vote comes back through pinned memory and an event (no stream sync)."""
+    import torch.distributed as dist
+
+    from slm_export.training import StopVote
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        vote = StopVote(True, torch.device("cuda"))
+        assert vote.host.is_pinned() and vote.event is not None and vote.read() is True
+    finally:
+        dist.destroy_process_group()

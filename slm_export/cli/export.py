@@ -65,11 +65,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     formats = FORMATS[args.format]
-    if args.format == "all":
-        formats = _available(formats)
     device = resolve_device(args.device)
+    if args.format == "all":
+        formats = _available(FORMATS["all"], device)
     variants = [*dict.fromkeys(args.quantize), *(["fp16"] if args.dtype == "fp16" else [])]
-    check_request(formats, variants, args.opset, args.allow_unverified)
+    check_request(formats, variants, args.opset, args.allow_unverified, device)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
         raise SlmError(f"no checkpoint at the default {checkpoint}: train first "
@@ -83,11 +83,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
-    """``formats`` without aoti where it cannot be compiled here, saying so in one line."""
-    from slm_export.export.aoti import compiler_problem
+def _available(formats: tuple[str, ...], device=None) -> tuple[str, ...]:
+    """``formats`` without aoti where it cannot be compiled here for ``device`` (a C++
+    compiler; for CUDA, the CUDA toolkit too), saying so in one line."""
+    from slm_export.export.aoti import compiler_problem, cuda_toolkit_problem
 
     problem = compiler_problem()
+    if problem is None and device is not None and device.type == "cuda":
+        problem = cuda_toolkit_problem()
     if problem is None:
         return formats
     print(f"skipping aoti (model_kv.pt2): {problem}", flush=True)

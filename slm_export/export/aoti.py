@@ -59,10 +59,29 @@ def compiler_problem() -> str | None:
     return None
 
 
-def require() -> None:
+def cuda_toolkit_problem() -> str | None:
+    """Why AOTInductor cannot compile a CUDA package here, or None: it compiles the package's
+    wrapper against the CUDA toolkit's headers and its kernels with the toolkit's nvcc, which
+    a driver plus pip's CUDA runtime wheels do not provide. torch finds the toolkit through
+    CUDA_HOME / CUDA_PATH, nvcc on PATH, or /usr/local/cuda."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return ("no CUDA toolkit found (CUDA_HOME unset, no nvcc on PATH, no /usr/local/cuda): "
+                "install NVIDIA's CUDA toolkit of torch's CUDA version and set CUDA_HOME")
+    missing = [p for p in ("bin/nvcc", "include/cuda_runtime_api.h") if not (Path(home) / p).is_file()]
+    if missing:
+        return f"the CUDA toolkit at {home} has no {missing[0]}: set CUDA_HOME to a complete toolkit"
+    return None
+
+
+def require(device: torch.device | str = "cpu") -> None:
     problem = compiler_problem()
     if problem:
         raise SlmError(f"--format aoti needs a C++ compiler: {problem}")
+    if torch.device(device).type == "cuda" and (problem := cuda_toolkit_problem()):
+        raise SlmError(f"--format aoti --device cuda needs the CUDA toolkit: {problem}")
 
 
 @contextlib.contextmanager
@@ -91,10 +110,10 @@ def export_program(model: torch.nn.Module, device: torch.device) -> torch.export
 def export(model: torch.nn.Module, provenance: Provenance, folder: str | os.PathLike,
            device: torch.device | str = "cpu") -> dict[str, str]:
     """Compile ``model_kv.pt2`` for ``device`` into ``folder``; -> {file name: kind}."""
-    require()
+    device = torch.device(device)
+    require(device)
     from torch._inductor import aoti_compile_and_package
 
-    device = torch.device(device)
     if device.type != "cpu":
         model = copy.deepcopy(model).to(device)
     options = {"aot_inductor.metadata": provenance.file_metadata("aoti_kv"),

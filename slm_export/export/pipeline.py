@@ -55,7 +55,7 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
     manifest records ``verified``.
     Returns the published folder's manifest; raises ``SlmError`` on any failure.
     """
-    check_request(formats, variants, opset, allow_unverified)
+    check_request(formats, variants, opset, allow_unverified, device)
     model, provenance = _load(source)
     out = _output_folder(out_dir, provenance)
     report = report or (lambda line: None)
@@ -76,7 +76,7 @@ def build(source: str | os.PathLike | torch.nn.Module, out_dir: str | os.PathLik
 
 
 def check_request(formats: Sequence[str], variants: Sequence[str], opset: int,
-                  allow_unverified: Sequence[str] = ()) -> None:
+                  allow_unverified: Sequence[str] = (), device: torch.device | str = "cpu") -> None:
     """Refuse an impossible request before any work (one-line ``SlmError``)."""
     unknown = [f for f in formats if f not in FORMATS] + [v for v in variants if v not in registry.REDUCED]
     if unknown:
@@ -95,7 +95,7 @@ def check_request(formats: Sequence[str], variants: Sequence[str], opset: int,
     if "aoti" in formats:
         from slm_export.export import aoti
 
-        aoti.require()
+        aoti.require(device)
 
 
 def gates_with(**thresholds: float | None) -> dict[str, QualityGate]:
