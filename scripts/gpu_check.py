@@ -304,8 +304,8 @@ def step_pytest_cuda(root: Path, dry: bool) -> dict:
         if proc.returncode != 0:
             return {"status": "FAIL", "reason": "pytest -m cuda does not collect: " + " ".join(lines[-3:])}
         return {"status": "NEEDS CUDA", "reason": f"{lines[-1] if lines else '?'}; {cuda_reason()}"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-q", "-p", "no:cacheprovider"],
-                          cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-q", "-p",
+                           "no:cacheprovider"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=LIMITS["pytest_cuda"] - 10)
     lines = proc.stdout.strip().splitlines()
     skips = [line for line in lines if line.startswith("SKIPPED")]
