@@ -393,6 +393,33 @@ def test_optimum_generates_our_tokens(client_python, onnx_export, tmp_path):
     assert_untouched(manifest)
 
 
+def test_onnxruntime_genai_keeps_an_eos_inside_a_prompt_of_a_batch(client_python, onnx_export, tmp_path):
+    """genai once masked every token equal to the pad id when eos = pad (onnxruntime-genai#1682,
+    fixed for batch 1 in #1694), and genai_config.json sets eos = pad = 50256: a batch where
+    one prompt holds <|endoftext|> mid-text, padded with it, must still give our logits and
+    tokens for that row (it does with 0.18.0, so the config stays)."""
+    import numpy as np
+
+    model, manifest, _ = onnx_export
+    rows = [encode(PROMPTS[0]) + [EOT_ID] + encode(" and then"), encode(PROMPTS[1])]
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([str(client_python), str(ROOT / "tests" / "helpers" / "onnx_clients.py"),
+                        "genai-ids", str(manifest.folder / "onnx"), str(out), "8", json.dumps(rows)],
+                       capture_output=True, text=True, timeout=600, cwd=out,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    backend = backend_for_model("eager", model)
+    for row, ids in enumerate(rows):
+        logits, _ = backend.prefill(torch.tensor([ids]), None)
+        for mode in ("batch", "single"):
+            np.testing.assert_allclose(np.load(out / f"first_{mode}_{row}.npy"), logits[0].numpy(), atol=1e-4)
+    want = generate(backend, rows, max_new_tokens=8, sampling=GREEDY, stop_id=None).tokens
+    assert [t[:len(w)] for t, w in zip(result["batch"], want, strict=True)] == [
+        w[:len(t)] for t, w in zip(result["batch"], want, strict=True)]
+
+
 def test_onnxruntime_genai_generates_our_tokens(client_python, onnx_export, tmp_path):
     """`onnxruntime_genai.Model("export/onnx")` + its Tokenizer and Generator, greedy, each
     prompt alone and as one padded batch. The logits check matters: with past_key_names and
