@@ -187,6 +187,18 @@ def test_summary_takes_its_gains_from_the_comparisons(tmp_path):
     assert lines[2].split("|")[1:-1] == [" batch ", " ort b8 ", " ort ", " 1 ", " 4.00x ", " 4.00-4.00x "]
 
 
+def test_serving_table_has_one_row_per_server_and_concurrency(tmp_path):
+    serve = {"ttft_p95_ms": 9.0, "itl_p50_ms": 2.0, "itl_p95_ms": 4.5, "failed": 0}
+    rows = [_row("ort", 900.0, batch=16, scenario="serve", ttft_ms=6.0, extra=serve),
+            _row("ort", 200.0, batch=1, scenario="serve", ttft_ms=3.0, extra=serve),
+            _row("ort", 250.0)]
+    lines = bm.serving_table(_doc(tmp_path, rows, [])).splitlines()
+    assert len(lines) == 2 + 2
+    assert [c.strip() for c in lines[2].split("|")[1:-1]][:8] == [
+        "ort", "fp32", "1", "200.0", "-", "3.0 / 9.0", "2.0 / 4.5", "0"]
+    assert lines[3].split("|")[3].strip() == "16"
+
+
 @pytest.mark.parametrize("page", ["bench/RESULTS.md", "README.md"])
 def test_published_tables_and_charts_are_regenerated_from_committed_results(page):
     """Every table between <!-- NAME: FILE --> and <!-- end --> is what ``python bench/report.py``

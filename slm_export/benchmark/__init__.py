@@ -30,6 +30,7 @@ from slm_export.benchmark.report import (
     markdown_table,
     regenerate,
     results_table,
+    serving_table,
     summary_table,
 )
 from slm_export.benchmark.results import (
@@ -48,6 +49,7 @@ __all__ = [
     "RssPeak", "bytes_per_decode_step", "check_results", "comparison_gain", "comparisons_table",
     "cuda_used_mb", "decode_weight_params", "find_gain", "gain", "interleaved", "load_results",
     "machine_info", "markdown_table", "measure_read_bandwidth", "order", "regenerate",
-    "results_table", "roofline_pct", "roofline_tokens_per_s", "spread", "summary_table", "sync",
+    "results_table", "roofline_pct", "roofline_tokens_per_s", "serving_table", "spread",
+    "summary_table", "sync",
     "write_results",
 ]

@@ -3,7 +3,8 @@ published in README.md and bench/RESULTS.md, regenerated from the committed file
 
 - ``markdown_table``: every row;
 - ``summary_table``: one row per backend and variant (what a deployment chooses between);
-- ``comparisons_table``: every comparison's gain with its per-round range.
+- ``comparisons_table``: every comparison's gain with its per-round range;
+- ``serving_table``: the server under load, one row per backend, variant and concurrency.
 A generated block in a markdown file is ``<!-- NAME: FILE -->`` ... ``<!-- end -->`` (NAME a
 key of the tables map, FILE relative to the repository root); ``regenerate`` rebuilds them.
 """
@@ -154,8 +155,26 @@ def summary_table(doc: dict[str, Any]) -> str:
                       "draft spec. tok/s", "prefill 128 ms", "peak mem MB"], body)
 
 
+def serving_table(doc: dict[str, Any]) -> str:
+    """The ``serve`` rows: concurrent clients, aggregate tokens/s (median run and range), time
+    to first token and inter-token latency (p50 / p95) and failed requests."""
+    rows = sorted((r for r in doc["results"] if r.get("scenario") == "serve"),
+                  key=lambda r: (r["backend"], r["variant"], r["batch"]))
+
+    def ms(row, p50, p95):
+        return "-" if row.get(p50) is None else f"{row[p50]:.1f} / {row[p95]:.1f}"
+
+    body = [[r["backend"], r["variant"], str(r["batch"]), f"{r['tokens_per_s']:.1f}",
+             _cell(r, "tokens_per_s_range"), ms(r, "ttft_ms", "ttft_p95_ms"),
+             ms(r, "itl_p50_ms", "itl_p95_ms"), str(r.get("failed", 0)), str(r["rounds"])]
+            for r in rows]
+    return _markdown(["server", "variant", "clients", "tokens/s", "min-max", "TTFT ms p50/p95",
+                      "inter-token ms p50/p95", "failed", "runs"], body)
+
+
 TABLES: dict[str, Callable[[dict], str]] = {
-    "results": markdown_table, "summary": summary_table, "comparisons": comparisons_table}
+    "results": markdown_table, "summary": summary_table, "comparisons": comparisons_table,
+    "serving": serving_table}
 BLOCK = re.compile(r"(<!-- ([a-z-]+): (\S+) -->\n)(.*?)(<!-- end -->)", re.DOTALL)
 
 
