@@ -118,9 +118,13 @@ def _export_smoke_model(folder: Path, backends: Sequence[str], cuda: bool = Fals
 
     torch.manual_seed(0)
     model = GPT(SMOKE_CONFIG).eval()
+    from slm_export.export import executorch
+
     formats = registry.formats_for(backends)
     if compiler_problem():
         formats = [f for f in formats if f != "aoti"]
+    if executorch.problem():
+        formats = [f for f in formats if f != "executorch"]
     variants = [v for v in registry.REDUCED if registry.backend("ort").serves(v, "cuda")]
     if formats:
         build(model, folder / "export", formats=formats, verify=False,
@@ -154,8 +158,11 @@ def _cases(devices: list[str], backends: Sequence[str]) -> list[tuple[str, str, 
 
 
 def _skip_reason(name: str, device: str) -> str | None:
+    from slm_export.export import executorch
     from slm_export.export.aoti import compiler_problem, cuda_toolkit_problem
 
+    if name == "executorch":
+        return executorch.problem()
     if name != "aoti":
         return None
     return compiler_problem() or (cuda_toolkit_problem() if device == "cuda" else None)

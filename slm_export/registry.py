@@ -4,7 +4,8 @@ Everything that lists backends or variants reads them here: the runtime's ``load
 the exporter and its verification, the doctor, the bench, the server and the command lines.
 
 - A **variant** is a file's precision: ``fp32`` (every format) or one of ``REDUCED`` (ONNX
-  files derived from the fp32 graph, each held to a quality gate before it is published).
+  files derived from the fp32 graph, each held to a quality gate before it is published;
+  ``mixed``: 4-bit blocks with an 8-bit embedding / lm_head).
   export.py's ``--quantize int8|int4`` and ``--dtype fp16`` ask for them; the manifest
   records a file's variant under its historical key ``dtype``.
 - A **format** is what ``export.py --format`` writes (onnx, torchscript, aoti, hf): one or
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 from slm_export.errors import SlmError
 
-VARIANTS = ("fp32", "fp16", "int8", "int4")
-REDUCED = ("int8", "int4", "fp16")  # in the order export.py writes and verifies them
+VARIANTS = ("fp32", "fp16", "int8", "int4", "mixed")
+REDUCED = ("int8", "int4", "mixed", "fp16")  # in the order export.py writes and verifies them
 
 CHECKPOINT = "checkpoint"  # what the torch backends load (a best.pt, or the run folder holding it)
 
@@ -47,7 +48,7 @@ class BackendSpec:
         return self.loads == CHECKPOINT
 
     def serves(self, variant: str, device_type: str = "cpu") -> bool:
-        allowed = self.cuda_variants if device_type == "cuda" and self.cuda_variants else self.variants
+        allowed = self.variants if device_type != "cuda" or self.cuda_variants is None else self.cuda_variants
         return variant in allowed
 
 
@@ -61,9 +62,12 @@ _SPECS = (
     BackendSpec("ort", "onnx_kv", "onnx", VARIANTS, "slm_export.runtime.ort:OrtBackend",
                 "ONNX Runtime on onnx/model*.onnx (CUDA provider where usable)",
                 # dynamic int8 quantization has no CUDA kernels: refused there by design
-                cuda_variants=("fp32", "fp16", "int4")),
+                cuda_variants=("fp32", "fp16", "int4", "mixed")),
     BackendSpec("aoti", "aoti_kv", "aoti", ("fp32",), "slm_export.runtime.aoti:AotiBackend",
                 "the AOTInductor package model_kv.pt2"),
+    BackendSpec("executorch", "executorch_kv", "executorch", ("fp32", "int8"),
+                "slm_export.runtime.executorch:ExecutorchBackend",
+                "ExecuTorch's model_kv.pte (XNNPACK), the phone / edge file", cuda_variants=()),
     BackendSpec("naive", CHECKPOINT, None, ("fp32",), "slm_export.runtime.naive:NaiveBackend",
                 "no cache: the whole window per token (the yardstick)"),
 )
@@ -86,7 +90,8 @@ def check_variant(name: str, variant: str, device_type: str = "cpu") -> BackendS
         raise SlmError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if not spec.serves(variant):
         serving = [s.name for s in _SPECS if s.serves(variant)]
-        raise SlmError(f"--variant {variant} applies to the {', '.join(serving)} backend only")
+        raise SlmError(f"--variant {variant} applies to the {' and '.join(serving)} "
+                       f"backend{'s' if len(serving) > 1 else ''} only")
     if not spec.serves(variant, device_type):
         raise SlmError(f"backend {name} does not serve --variant {variant} on {device_type}")
     return spec

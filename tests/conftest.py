@@ -101,8 +101,9 @@ def trained_model(trained_ckpt) -> GPT:
 @pytest.fixture(scope="session")
 def trained_export(trained_ckpt):
     """The one export of the trained model per session, through export.py's main, verified
-    (the default formats: ONNX, TorchScript and, where a C++ compiler is found, AOTInductor;
-    int8, int4 and fp16 variants: each passes its default quality gate), in the run folder
+    (the default formats: ONNX, TorchScript, and AOTInductor and ExecuTorch where a C++
+    compiler and the edge extra are found; int8, int4, mixed and fp16 variants: each passes
+    its default quality gate), in the run folder
     (``run/export``: a run folder the bench and slm-serve take as it is). Reused where
     ``$SLM_TEST_RUN`` holds a complete one. Read-only: a test that changes files works on a copy."""
     from slm_export.artifacts.manifest import Manifest
@@ -117,7 +118,7 @@ def trained_export(trained_ckpt):
     except Exception:
         pass  # none yet, or incomplete: export it
     assert main(["--checkpoint", trained_ckpt, "--out-dir", str(folder), "--quantize", "int8",
-                 "--quantize", "int4", "--dtype", "fp16"]) == 0
+                 "--quantize", "int4", "--quantize", "mixed", "--dtype", "fp16"]) == 0
     return folder
 
 

@@ -147,12 +147,19 @@ def test_a_broken_package_is_one_line(tmp_path):
         load_aoti(bad)
 
 
+def _executorch() -> tuple[str, ...]:
+    """The executorch format where its package is installed ("all" skips it otherwise)."""
+    from slm_export.runtime import executorch
+
+    return () if executorch.problem() else ("executorch",)
+
+
 def test_export_cli_without_a_compiler(monkeypatch, capsys, tiny_ckpt):
     from slm_export.cli import export as cli
     from slm_export.export import aoti
 
     monkeypatch.setattr(aoti, "compiler_problem", lambda: "no working C++ compiler (test)")
-    assert cli._available(cli.FORMATS["all"]) == ("onnx", "torchscript")
+    assert cli._available(cli.FORMATS["all"]) == ("onnx", "torchscript", *_executorch())
     assert capsys.readouterr().out == "skipping aoti (model_kv.pt2): no working C++ compiler (test)\n"
     assert cli.main(["--checkpoint", tiny_ckpt, "--format", "aoti"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -173,7 +180,8 @@ def test_a_cuda_package_needs_the_cuda_toolkit(monkeypatch, tmp_path, capsys):
     with pytest.raises(SlmError, match="--format aoti --device cuda needs the CUDA toolkit: no CUDA"):
         aoti.require("cuda")
     aoti.require("cpu")  # the CPU needs a C++ compiler only
-    assert cli._available(cli.FORMATS["all"], torch.device("cuda")) == ("onnx", "torchscript")
+    assert cli._available(cli.FORMATS["all"], torch.device("cuda")) == ("onnx", "torchscript",
+                                                                          *_executorch())
     assert "skipping aoti (model_kv.pt2): no CUDA toolkit found" in capsys.readouterr().out
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
     assert aoti.cuda_toolkit_problem() == f"the CUDA toolkit at {tmp_path} has no bin/nvcc: set " \

@@ -26,7 +26,7 @@ RANKS = {
     "runtime": 6,
     "export": 7,
     "cli": 8, "doctor": 8,
-    "benchmark": 9, "serve": 9,
+    "benchmark": 9, "serve": 9, "evaluate": 9,
 }
 ALLOWED = {("training", "plots")}  # the trainer draws the plots at the end of a run
 LONG_FUNCTIONS = 60  # lines, decorators and docstring included

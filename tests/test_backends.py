@@ -392,7 +392,9 @@ def test_resolve_model_path(tmp_path, tiny_ckpt, trained_export):
 def test_the_registry_decides_what_loads(tiny_ckpt, trained_export):
     """Variants and options are the registry's and the backend constructors' business: a
     variant another backend serves, or an option the backend does not take, is one line."""
-    with pytest.raises(SlmError, match="--variant int8 applies to the ort backend only"):
+    with pytest.raises(SlmError, match="--variant int4 applies to the ort backend only"):
+        load_backend("eager", tiny_ckpt, variant="int4")
+    with pytest.raises(SlmError, match="--variant int8 applies to the ort and executorch backends only"):
         load_backend("eager", tiny_ckpt, variant="int8")
     with pytest.raises(SlmError, match="backend eager takes no option 'threads'"):
         load_backend("eager", tiny_ckpt, threads=1)

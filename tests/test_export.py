@@ -60,8 +60,11 @@ def eager_kv(model, ids, past, mask):
 
 
 def test_default_export_writes_verified_files(export_dir, trained_ckpt, trained_model):
+    from slm_export.export import executorch
+
     names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "manifest.json",
-             *(f"model.{v}.onnx" for v in VARIANTS), *(["model_kv.pt2"] if AOTI else [])}
+             *(f"model.{v}.onnx" for v in VARIANTS), *(["model_kv.pt2"] if AOTI else []),
+             *(["model_kv.pte", "model_kv.int8.pte"] if executorch.problem() is None else [])}
     assert {p.name for p in export_dir.iterdir()} == names
     companions = {"config.json", "generation_config.json", "genai_config.json", "vocab.json",
                   "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
@@ -80,7 +83,8 @@ def test_default_export_writes_verified_files(export_dir, trained_ckpt, trained_
         f"onnx/{n}" for n in companions}
     with pytest.raises(SlmError, match="no onnx file in bf16"):
         m.file("onnx", "bf16")
-    served = ["aoti", "ort", "torchscript"] if AOTI else ["ort", "torchscript"]
+    served = sorted(["ort", "torchscript", *(["aoti"] if AOTI else []),
+                     *(["executorch"] if executorch.problem() is None else [])])
     assert m.data["verified"] and m.data["verification"]["generation"]["backends"] == served
     # The tied embedding / lm_head matrix is stored once; TorchScript keeps it in vocabulary
     # blocks (model.blocked_head: the faster lm_head).
@@ -195,6 +199,22 @@ def test_onnx_io_names_axes_and_metadata(export_dir, trained_model):
         step = str(Manifest.read(export_dir, verify_hashes=False).data["step"])
         assert (meta["kind"], meta["tokenizer"], meta["step"]) == (kind, "gpt2", step)
         assert "torch" in json.loads(meta["versions"])
+
+
+def test_quantize_auto_publishes_the_smallest_candidate_that_passes(trained_ckpt, tmp_path):
+    """--quantize auto measures int4, mixed and int8 against the 8-bit gate and keeps the
+    smallest that passes (here mixed: int4's rounding misses the 8-bit bar), each candidate's
+    measurements in the manifest, the others' files removed."""
+    out = tmp_path / "auto"
+    assert main(["--checkpoint", trained_ckpt, "--format", "onnx", "--quantize", "auto",
+                 "--out-dir", str(out)]) == 0
+    m = Manifest.read(out)
+    auto = m.data["verification"]["auto"]
+    assert set(auto["candidates"]) == {"int4", "mixed", "int8"}
+    passed = {v: r for v, r in auto["candidates"].items() if r["passed"]}
+    assert auto["chosen"] == min(passed, key=lambda v: passed[v]["bytes"])
+    assert {e["dtype"] for e in m.files.values() if e["kind"] == "onnx_kv"} == {"fp32", auto["chosen"]}
+    assert all("top1_agreement" in r or "reason" in r for r in auto["candidates"].values())
 
 
 def test_variant_files_are_smaller_and_recorded_with_their_gates(trained_export):

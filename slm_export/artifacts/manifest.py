@@ -26,8 +26,8 @@ FORMAT = "slm-export-export"
 VERSION = 2  # 2: cache graphs in the per-layer layout of kv_layout.py (1: one packed tensor)
 MANIFEST = "manifest.json"
 # *_config: the files other tools read beside the weights (configs, tokenizer): hf/, onnx/
-KINDS = ("onnx", "onnx_kv", "onnx_config", "torchscript", "torchscript_kv", "aoti_kv", "hf",
-         "hf_config")
+KINDS = ("onnx", "onnx_kv", "onnx_config", "torchscript", "torchscript_kv", "aoti_kv",
+         "executorch_kv", "hf", "hf_config")
 
 
 def package_version(name: str) -> str | None:

@@ -9,8 +9,10 @@ from slm_export.errors import SlmError
 from slm_export.registry import REDUCED
 
 DEFAULT_CHECKPOINT = Path("artifacts/runs/latest/best.pt")
-FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "aoti": ("aoti",), "hf": ("hf",),
-           "all": ("onnx", "torchscript", "aoti")}  # all: aoti only where a C++ compiler is found
+FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "aoti": ("aoti",),
+           "executorch": ("executorch",), "hf": ("hf",),
+           # all: aoti where a C++ compiler is found, executorch where the edge extra is installed
+           "all": ("onnx", "torchscript", "aoti", "executorch")}
 
 
 def build_parser() -> ArgumentParser:
@@ -20,18 +22,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"a weights checkpoint (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--format", choices=list(FORMATS), default="all",
-                   help="what to write (all = onnx + torchscript + aoti, the last where a C++ "
-                        "compiler is found)")
+                   help="what to write (all = onnx + torchscript + aoti + executorch: aoti where a "
+                        "C++ compiler is found, executorch where the edge extra is installed)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="export folder (default: <checkpoint folder>/export)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 also writes model.fp16.onnx / onnx/model.fp16.onnx (fp32 logits)")
-    p.add_argument("--quantize", choices=["int8", "int4"], action="append", default=[],
+    p.add_argument("--quantize", choices=["int8", "int4", "mixed", "auto"], action="append", default=[],
                    help="also write model.<q>.onnx / onnx/model.<q>.onnx: int8 = dynamic "
                         "quantization (weights and activations), int4 = 4-bit weights "
-                        "(MatMulNBits); repeatable")
+                        "(MatMulNBits), mixed = 4-bit blocks with an 8-bit embedding / lm_head, "
+                        "auto = the smallest of int4 / mixed / int8 that passes the 8-bit gate "
+                        "(each candidate's measurements in the manifest); int8 also writes "
+                        "model_kv.int8.pte with executorch; repeatable")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N: where the files are verified, and what the aoti "
                         "package is compiled for (it runs on that device type only; default cpu)")
@@ -86,12 +91,14 @@ def main(argv=None) -> int:
 def _available(formats: tuple[str, ...], device=None) -> tuple[str, ...]:
     """``formats`` without aoti where it cannot be compiled here for ``device`` (a C++
     compiler; for CUDA, the CUDA toolkit too), saying so in one line."""
+    from slm_export.export import executorch
     from slm_export.export.aoti import compiler_problem, cuda_toolkit_problem
 
     problem = compiler_problem()
     if problem is None and device is not None and device.type == "cuda":
         problem = cuda_toolkit_problem()
-    if problem is None:
-        return formats
-    print(f"skipping aoti (model_kv.pt2): {problem}", flush=True)
-    return tuple(f for f in formats if f != "aoti")
+    problems = {"aoti": (problem, "model_kv.pt2"), "executorch": (executorch.problem(), executorch.FILE)}
+    for name, (reason, file) in problems.items():
+        if reason is not None and name in formats:
+            print(f"skipping {name} ({file}): {reason}", flush=True)
+    return tuple(f for f in formats if problems.get(f, (None,))[0] is None)

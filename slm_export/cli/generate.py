@@ -31,8 +31,8 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--backend", choices=NAMES, default="eager",
-                   help="eager/compiled/naive run a checkpoint; torchscript/ort/aoti an export "
-                        "folder (default eager)")
+                   help="eager/compiled/naive run a checkpoint; torchscript/ort/aoti/executorch "
+                        "an export folder (default eager)")
     p.add_argument("--model", type=Path, default=None,
                    help=f"checkpoint file, run folder or export folder (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
@@ -60,8 +60,8 @@ def build_parser() -> ArgumentParser:
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
     p.add_argument("--variant", choices=VARIANTS, default="fp32",
-                   help="ONNX model variant for the ort backend, as written by export.py "
-                        "--quantize int8|int4 / --dtype fp16 (default fp32)")
+                   help="the file's variant, as export.py --quantize int8|int4 / --dtype fp16 "
+                        "wrote it: ort serves every one, executorch fp32 and int8 (default fp32)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample before the first occurrence of TEXT (repeatable, up to 4)")
     _add_control_args(p)

@@ -289,8 +289,72 @@ def _int4(src: Path, dst: Path) -> None:
     onnx.save(quantizer.model.model, str(dst))
 
 
+def _mixed(src: Path, dst: Path) -> None:
+    """4-bit blocks for the transformer's matmuls (as ``int4``), and one 8-bit copy of the tied
+    embedding / lm_head matrix, most of the weight bytes and the one whose 4-bit rounding moves
+    the top-1 choice most: the lm_head a MatMulNBits of 8 bits, the embedding lookup a
+    GatherBlockQuantized reading the same 8-bit blocks (ORT's quantizer would untie them)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _prepare_for_quantization(onnx.load(str(src)))
+    vocab = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    big = {i.name for i in model.graph.initializer if vocab in i.dims}
+    tied = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and set(n.input) & big]
+    head = [n for n in model.graph.node if n.op_type == "MatMul" and n.name in tied]
+    if len(head) != 1:
+        raise SlmError(f"mixed: expected one lm_head matmul over the vocabulary, found {len(head)}")
+    with _quiet_quantizer():
+        blocks = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                      accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
+                                      nodes_to_exclude=tied)
+        blocks.process()
+        vocab_matrix = MatMulNBitsQuantizer(blocks.model.model, bits=8, block_size=INT4_BLOCK,
+                                            is_symmetric=True, accuracy_level=4,
+                                            op_types_to_quantize=("MatMul",), nodes_to_include=[head[0].name])
+        vocab_matrix.process()
+    model = vocab_matrix.model.model
+    _embed_from_head(model, vocab)
+    onnx.save(model, str(dst))
+
+
+def _embed_from_head(model: onnx.ModelProto, vocab: int) -> None:
+    """Every Gather of an fp32 vocabulary matrix becomes a GatherBlockQuantized of the 8-bit
+    lm_head's blocks (its B [V, blocks, 32] and a [V, blocks, 1] view of its scales), then a
+    Reshape back to [..., C]; the fp32 matrices it read leave the graph."""
+    from onnx import helper, numpy_helper
+
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and next(a.i for a in n.attribute if a.name == "bits") == 8)
+    inits = {i.name: i for i in model.graph.initializer}
+    weight, scales = inits[head.input[1]], inits[head.input[2]]
+    blocks = weight.dims[1]
+    scales3 = numpy_helper.from_array(numpy_helper.to_array(scales).reshape(vocab, blocks, 1),
+                                      scales.name + ".per_row")
+    model.graph.initializer.append(scales3)
+    shape = numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "embedding.shape")
+    model.graph.initializer.append(shape)
+    nodes = []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or vocab not in table.dims:
+            nodes.append(node)
+            continue
+        gathered = node.output[0] + ".blocks"
+        nodes.append(helper.make_node("GatherBlockQuantized", [weight.name, node.input[1], scales3.name],
+                                      [gathered], name=node.name + "_Q8", domain="com.microsoft", bits=8,
+                                      block_size=INT4_BLOCK, gather_axis=0, quantize_axis=2))
+        nodes.append(helper.make_node("Reshape", [gathered, shape.name], [node.output[0]],
+                                      name=node.name + "_shape"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 INT4_BLOCK = 32
-CONVERTERS = {"int8": _int8, "int4": _int4, "fp16": _fp16}  # variant -> its writer
+CONVERTERS = {"int8": _int8, "int4": _int4, "mixed": _mixed, "fp16": _fp16}  # variant -> its writer
 
 
 def variant_name(name: str, variant: str) -> str:

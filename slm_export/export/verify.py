@@ -29,7 +29,6 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch.nn import functional as F
 
 from slm_export import registry
 from slm_export.artifacts.loaders import load_torchscript, ort_session
@@ -237,13 +236,11 @@ def measure_variant(model, run: LogitsRunner, reference: Backend, backend: Backe
     with torch.no_grad():
         ref = LogitsModule(model)(x)
     logits = run(x).float()
-    ref_loss = F.cross_entropy(ref.flatten(0, 1), y.flatten()).item()
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    full = parity.scores(ref, logits, y)
     kv = parity.teacher_forced(reference, backend, tokens)
     return {
-        "loss_fp32": ref_loss, "loss": loss, "loss_delta": loss - ref_loss,
-        "top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-        "kl": parity.kl_divergence(ref, logits).mean().item(),
+        "loss_fp32": full["loss_fp32"], "loss": full["loss"], "loss_delta": full["loss"] - full["loss_fp32"],
+        "top1_agreement": full["top1"], "kl": full["kl"],
         "logit_error": ((logits - ref).abs().max() / ref.std()).item(),
         "kv_loss_delta": kv["loss"] - kv["loss_fp32"], "kv_top1_agreement": kv["top1"],
         "kv_kl": kv["kl"],
@@ -280,7 +277,8 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
     served = {}
     for spec in registry.BACKENDS.values():  # the files a backend serves, through it
         if not spec.from_checkpoint and manifest.has(spec.loads):
-            served[spec.name] = load_backend(spec.name, folder, device)
+            on = device if spec.serves("fp32", device.type) else torch.device("cpu")  # CPU-only
+            served[spec.name] = load_backend(spec.name, folder, on)
             label = manifest.file(spec.loads).relative_to(folder).as_posix()
             results[label] = compare_backend(eager, served[spec.name], spec.name)
     for name, r in results.items():
@@ -303,22 +301,37 @@ def verify_folder(model, folder: Path, variants: Sequence[str], gates: dict[str,
                f"eager, {', '.join(sorted(served))}"
                + (f" (but {ties} tie(s) within {parity.REL_TOL:g} x the logits' std)" if ties else ""))
     for variant in variants:
-        results[variant] = verify_variant(model, manifest, variant, eager, gates[variant],
-                                        variant in allow_unverified, report)
+        for spec in (s for s in registry.BACKENDS.values() if s.variants != ("fp32",)):
+            if manifest.has(spec.loads, variant):  # the ONNX and ExecuTorch files of a variant
+                key = variant if spec.name == "ort" else manifest.file(spec.loads, variant).name
+                results[key] = verify_variant(model, manifest, variant, eager, gates[variant],
+                                              variant in allow_unverified, report, spec.name)
     return results
 
 
+def _variant_files(manifest: Manifest, backend_name: str, variant: str, device):
+    """(the cache-graph backend, a full-sequence runner) of a variant: ONNX's two files, or
+    ExecuTorch's one program (every position's logits through its forward)."""
+    if backend_name == "ort":
+        return (load_backend("ort", manifest.folder, device, variant=variant),
+                logits_runner(manifest, "onnx", variant))
+    backend = load_backend(backend_name, manifest.folder, "cpu", variant=variant)
+
+    return backend, lambda ids: parity.all_logits(backend, ids)
+
+
 def verify_variant(model, manifest: Manifest, variant: str, eager: Backend, gate: QualityGate,
-                   allow_unverified: bool = False, report=None) -> dict:
-    """The ``variant``'s two ONNX files measured against fp32 (``measure_variant``, on
-    ``eager``'s device) and held to ``gate``; -> the manifest's record (measurements,
-    providers, gate). A check that cannot run (ONNX Runtime cannot load or run a file here)
-    raises ``SlmError`` unless ``allow_unverified``: then the record says why it did not run.
+                   allow_unverified: bool = False, report=None, backend_name: str = "ort") -> dict:
+    """The ``variant``'s files (ONNX's two, or ExecuTorch's program) measured against fp32
+    (``measure_variant``, on ``eager``'s device) and held to ``gate``; -> the manifest's record
+    (measurements, providers, gate). A check that cannot run (the runtime cannot load or run
+    a file here) raises ``SlmError`` unless ``allow_unverified``: then the record says why it
+    did not run.
     """
     report = report or (lambda line: None)
+    label = variant if backend_name == "ort" else f"{backend_name} {variant}"
     try:
-        backend = load_backend("ort", manifest.folder, eager.device, variant=variant)
-        run = logits_runner(manifest, "onnx", variant)
+        backend, run = _variant_files(manifest, backend_name, variant, eager.device)
         measured = measure_variant(model, run, eager, backend, held_out_tokens(model.config),
                                    generation_prompts(model.config))
     except Exception as e:  # ONNX Runtime raises its own types (Fail, NotImplemented, ...)
@@ -326,14 +339,15 @@ def verify_variant(model, manifest: Manifest, variant: str, eager: Backend, gate
         if not allow_unverified:
             raise SlmError(f"{variant} variant: its quality check could not run ({reason}); "
                            f"--allow-unverified {variant} publishes it unchecked") from None
-        report(f"{variant}: NOT verified, its check could not run ({reason}); published as "
+        report(f"{label}: NOT verified, its check could not run ({reason}); published as "
                f"--allow-unverified {variant} asks")
         return {"dtype": variant, "verified": False, "reason": reason, "allow_unverified": True}
-    result = {"dtype": variant, "verified": True, **measured,
-              "providers": backend.session.get_providers(), "gate": asdict(gate)}
-    gate.check(f"{variant} variant", result)
+    session = getattr(backend, "session", None)
+    result = {"dtype": variant, "verified": True, **measured, "gate": asdict(gate),
+              "providers": session.get_providers() if session else [f"{backend_name} (CPU)"]}
+    gate.check(f"{label} variant", result)
     r = result
-    report(f"{variant}: held-out loss {r['loss_fp32']:.4f} -> {r['loss']:.4f} (delta "
+    report(f"{label}: held-out loss {r['loss_fp32']:.4f} -> {r['loss']:.4f} (delta "
            f"{r['loss_delta']:+.4f}, cache graph {r['kv_loss_delta']:+.4f}), top-1 agreement "
            f"{r['top1_agreement']:.1%} (cache graph {r['kv_top1_agreement']:.1%}), greedy "
            f"agreement {r['greedy_agreement']:.1%}, max logit error {r['logit_error']:.2g} x std: "

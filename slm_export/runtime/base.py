@@ -119,9 +119,13 @@ class Cached:
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if ids.dim() != 2 or ids.size(1) == 0:
             raise ValueError(f"prefill expects ids of shape (B, T) with T >= 1, got {tuple(ids.shape)}")
-        B = ids.size(0)
-        mask = window_mask(attention_mask, B, self.config.block_size, self.device, self.always_mask)
-        return self.forward(ids, State(0, B, mask, self._empty(B)))
+        return self.forward(ids, self.start(ids.size(0), attention_mask))
+
+    def start(self, batch: int, attention_mask: torch.Tensor | None = None) -> State:
+        """An empty window for ``batch`` rows (``forward(ids, start(B), every=True)``: the
+        logits of every position of a prompt)."""
+        mask = window_mask(attention_mask, batch, self.config.block_size, self.device, self.always_mask)
+        return State(0, batch, mask, self._empty(batch))
 
     def forward(self, tokens: torch.Tensor, state: State, every: bool = False):
         rows = tokens.view(-1, 1) if tokens.dim() == 1 else tokens
@@ -256,13 +260,16 @@ class WindowPool:
     never writes into a window a live state reads. ``capacity(rows)``: how many rows a window
     for ``rows`` has (a compiled graph per batch size: ``compiled`` rounds up to powers of 2)."""
 
-    def __init__(self, new: Any, capacity: Any = None):
+    def __init__(self, new: Any, capacity: Any = None, reuse: bool = True):
         self._new = new  # capacity -> tuple of zero tensors
         self.capacity = capacity or (lambda rows: rows)
+        self.reuse = reuse  # False: a new window every time (a runtime that returns its windows)
         self._lent: dict[int, list] = {}  # capacity -> [[tensors, weakref to the Window]]
 
     def lend(self, rows: int) -> Window:
         size = self.capacity(rows)
+        if not self.reuse:
+            return Window(self._new(size), rows)
         for entry in self._lent.setdefault(size, []):
             if entry[1]() is None:
                 window = Window(entry[0], rows)

@@ -13,7 +13,8 @@ and the tests.
   or a tie within ``tol`` x the reference logits' std (float noise may pick either, and
   the reference follows the backend), and every step's logits agree within it.
 - ``teacher_forced(reference, backend, tokens)``: both fed the true tokens: next-token
-  top-1 agreement, each one's loss and the KL divergence (reduced-precision variants).
+  top-1 agreement, each one's loss and the KL divergence (``scores``: what the export's
+  gates and ``slm-eval`` measure with).
 """
 
 from __future__ import annotations
@@ -173,27 +174,41 @@ def _calls_since(pair: Lockstep, stream: TokenStream) -> int:
     return n
 
 
+def scores(want: torch.Tensor, have: torch.Tensor, targets: torch.Tensor) -> dict:
+    """The quality of ``have``'s next-token logits against the reference's ``want`` (both
+    (..., V)) on the true ``targets`` (...): each one's mean loss in nats, ``have``'s next-token
+    accuracy, top-1 agreement with ``want`` and mean KL(want || have) per token. What the
+    export's gates and ``slm-eval`` both measure with."""
+    want, have = want.float().flatten(0, -2).cpu(), have.float().flatten(0, -2).cpu()
+    targets = targets.flatten().cpu()
+    return {"loss_fp32": F.cross_entropy(want, targets).item(),
+            "loss": F.cross_entropy(have, targets).item(),
+            "accuracy": (have.argmax(-1) == targets).float().mean().item(),
+            "top1": (have.argmax(-1) == want.argmax(-1)).float().mean().item(),
+            "kl": kl_divergence(want, have).mean().item()}
+
+
+@torch.inference_mode()
+def all_logits(backend: Backend, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's next-token logits (B, T, V) of ``ids`` (B, T), in one call."""
+    return backend.forward(ids.to(backend.device), backend.start(ids.size(0)), every=True)[0]
+
+
 @torch.inference_mode()
 def teacher_forced(reference: Backend, backend: Backend, tokens: torch.Tensor) -> dict:
-    """Both backends fed the true ``tokens`` (B, T): prefill half, then one token at a time.
-    -> top-1 agreement of their next-token argmax, each one's loss on the second half, and
-    the mean KL(reference || backend) per token."""
+    """Both backends fed the true ``tokens`` (B, T): prefill half, then one token at a time
+    (the decode path). -> ``scores`` of the second half."""
     half = tokens.size(1) // 2
     want, s_want = reference.prefill(tokens[:, :half].to(reference.device), None)
     have, s_have = backend.prefill(tokens[:, :half].to(backend.device), None)
-    agree, nll_want, nll_have, kl = [], [], [], []
+    wants, haves = [], []
     for t in range(half, tokens.size(1)):
-        want, have, target = want.float().cpu(), have.float().cpu(), tokens[:, t]
-        agree.append(have.argmax(-1) == want.argmax(-1))
-        nll_want.append(F.cross_entropy(want, target, reduction="none"))
-        nll_have.append(F.cross_entropy(have, target, reduction="none"))
-        kl.append(kl_divergence(want, have))
+        wants.append(want.float().cpu())
+        haves.append(have.float().cpu())
         if t + 1 < tokens.size(1):
-            want, s_want = reference.forward(target.to(reference.device), s_want)
-            have, s_have = backend.forward(target.to(backend.device), s_have)
-    return {"top1": torch.stack(agree).float().mean().item(),
-            "loss_fp32": torch.stack(nll_want).mean().item(),
-            "loss": torch.stack(nll_have).mean().item(), "kl": torch.stack(kl).mean().item()}
+            want, s_want = reference.forward(tokens[:, t].to(reference.device), s_want)
+            have, s_have = backend.forward(tokens[:, t].to(backend.device), s_have)
+    return scores(torch.stack(wants, 1), torch.stack(haves, 1), tokens[:, half:])
 
 
 def kl_divergence(want: torch.Tensor, have: torch.Tensor) -> torch.Tensor:
