@@ -39,6 +39,10 @@ from slm_export.config import GPTConfig
 # LayerNorm weights and biases stay fp32 in every variant we export.
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
                 "int4": 0.5 + 4 / 32}  # 4 bits plus an fp32 scale per block of 32
+# Bytes per parameter of (the blocks' matrices, the vocabulary matrix) of each variant: the
+# same for all but mixed, whose head is 8 bits and blocks 4 (export/onnx.py), both blocks of 32.
+WEIGHT_BYTES_BY_PART = {v: (b, b) for v, b in WEIGHT_BYTES.items()} | {
+    "mixed": (WEIGHT_BYTES["int4"], 1 + 4 / 32)}
 SETTLE_S = 0.1  # the pause before every timed call of a comparison
 
 
@@ -135,7 +139,9 @@ def decode_weight_params(config: GPTConfig) -> tuple[int, int]:
 def bytes_per_decode_step(config: GPTConfig, variant: str = "fp32") -> int:
     """Bytes of weights one decode step reads (the same for any batch size)."""
     matrices, vectors = decode_weight_params(config)
-    return matrices * WEIGHT_BYTES[variant] + vectors * 4
+    head = config.vocab_size * config.n_embd
+    blocks_bytes, head_bytes = WEIGHT_BYTES_BY_PART[variant]
+    return round((matrices - head) * blocks_bytes + head * head_bytes) + vectors * 4
 
 
 def roofline_tokens_per_s(bandwidth_bytes_per_s: float, config: GPTConfig, batch: int = 1,
