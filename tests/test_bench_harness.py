@@ -38,9 +38,9 @@ def test_roofline_ceiling_scales_with_batch_and_weight_dtype():
     assert fp32 == 29_915_520 * 4 + 30_720 * 4
     int8 = bm.bytes_per_decode_step(config, "int8")
     assert int8 == 29_915_520 + 30_720 * 4
-    head = 50257 * 384  # mixed: the head at 8 bits (+ a scale per 32), the blocks at 4
+    head = 50257 * 384  # mixed: the head at 8 bits (+ a scale per 128), the blocks at 4
     assert bm.bytes_per_decode_step(config, "mixed") == round(
-        (29_915_520 - head) * (0.5 + 4 / 32) + head * (1 + 4 / 32)) + 30_720 * 4
+        (29_915_520 - head) * (0.5 + 4 / 32) + head * (1 + 4 / 128)) + 30_720 * 4
     bw = 40e9
     one = bm.roofline_tokens_per_s(bw, config)
     assert one == pytest.approx(bw / fp32)

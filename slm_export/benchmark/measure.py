@@ -40,9 +40,9 @@ from slm_export.config import GPTConfig
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
                 "int4": 0.5 + 4 / 32}  # 4 bits plus an fp32 scale per block of 32
 # Bytes per parameter of (the blocks' matrices, the vocabulary matrix) of each variant: the
-# same for all but mixed, whose head is 8 bits and blocks 4 (export/onnx.py), both blocks of 32.
+# same for all but mixed (export/onnx.py): its blocks at 4 bits, its head at 8 in blocks of 128.
 WEIGHT_BYTES_BY_PART = {v: (b, b) for v, b in WEIGHT_BYTES.items()} | {
-    "mixed": (WEIGHT_BYTES["int4"], 1 + 4 / 32)}
+    "mixed": (WEIGHT_BYTES["int4"], 1 + 4 / 128)}
 SETTLE_S = 0.1  # the pause before every timed call of a comparison
 
 

@@ -308,7 +308,7 @@ def _mixed(src: Path, dst: Path) -> None:
                                       accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
                                       nodes_to_exclude=tied)
         blocks.process()
-        vocab_matrix = MatMulNBitsQuantizer(blocks.model.model, bits=8, block_size=INT4_BLOCK,
+        vocab_matrix = MatMulNBitsQuantizer(blocks.model.model, bits=8, block_size=VOCAB_BLOCK,
                                             is_symmetric=True, accuracy_level=4,
                                             op_types_to_quantize=("MatMul",), nodes_to_include=[head[0].name])
         vocab_matrix.process()
@@ -319,7 +319,7 @@ def _mixed(src: Path, dst: Path) -> None:
 
 def _embed_from_head(model: onnx.ModelProto, vocab: int) -> None:
     """Every Gather of an fp32 vocabulary matrix becomes a GatherBlockQuantized of the 8-bit
-    lm_head's blocks (its B [V, blocks, 32] and a [V, blocks, 1] view of its scales), then a
+    lm_head's blocks (its B [V, blocks, VOCAB_BLOCK] and a [V, blocks, 1] view of its scales), then a
     Reshape back to [..., C]; the fp32 matrices it read leave the graph."""
     from onnx import helper, numpy_helper
 
@@ -342,7 +342,7 @@ def _embed_from_head(model: onnx.ModelProto, vocab: int) -> None:
         gathered = node.output[0] + ".blocks"
         nodes.append(helper.make_node("GatherBlockQuantized", [weight.name, node.input[1], scales3.name],
                                       [gathered], name=node.name + "_Q8", domain="com.microsoft", bits=8,
-                                      block_size=INT4_BLOCK, gather_axis=0, quantize_axis=2))
+                                      block_size=VOCAB_BLOCK, gather_axis=0, quantize_axis=2))
         nodes.append(helper.make_node("Reshape", [gathered, shape.name], [node.output[0]],
                                       name=node.name + "_shape"))
     del model.graph.node[:]
@@ -354,6 +354,9 @@ def _embed_from_head(model: onnx.ModelProto, vocab: int) -> None:
 
 
 INT4_BLOCK = 32
+# mixed's 8-bit vocabulary matrix: blocks of 128 (a third of 384 dims) keep its scales at 1/32
+# of its bytes; 8 bits need fewer scales than 4 to keep the top-1 choice.
+VOCAB_BLOCK = 128
 CONVERTERS = {"int8": _int8, "int4": _int4, "mixed": _mixed, "fp16": _fp16}  # variant -> its writer
 
 
