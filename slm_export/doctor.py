@@ -118,7 +118,7 @@ def _export_smoke_model(folder: Path, backends: Sequence[str], cuda: bool = Fals
 
     torch.manual_seed(0)
     model = GPT(SMOKE_CONFIG).eval()
-    from slm_export.export import executorch
+    from slm_export.runtime import executorch
 
     formats = registry.formats_for(backends)
     if compiler_problem():
@@ -158,8 +158,8 @@ def _cases(devices: list[str], backends: Sequence[str]) -> list[tuple[str, str, 
 
 
 def _skip_reason(name: str, device: str) -> str | None:
-    from slm_export.export import executorch
     from slm_export.export.aoti import compiler_problem, cuda_toolkit_problem
+    from slm_export.runtime import executorch
 
     if name == "executorch":
         return executorch.problem()

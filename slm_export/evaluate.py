@@ -31,7 +31,7 @@ from slm_export.errors import SlmError, first_line
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="slm-eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="slm-eval", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", type=Path, required=True, help="a run folder (best.pt + export/)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="text to evaluate on: any train.py --dataset source "

@@ -12,12 +12,12 @@ import torch
 
 from slm_export.artifacts.manifest import Manifest
 from slm_export.errors import SlmError
-from slm_export.export import executorch
 from slm_export.runtime import GREEDY, generate, load_backend
+from slm_export.runtime import executorch as runtime_et
 from slm_export.tokenizer import encode
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(executorch.problem() is not None,
-                                                   reason=f"ExecuTorch: {executorch.problem()}")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(runtime_et.problem() is not None,
+                                                   reason=f"ExecuTorch: {runtime_et.problem()}")]
 PROMPTS = ["Once upon a time, there was a little girl named Mia. Mia loved to",
            "Tom had a red ball.", "One day,"]
 
@@ -64,7 +64,7 @@ def test_generate_cli_with_the_executorch_backend(trained_export, trained_ckpt):
 def test_without_executorch_the_format_is_one_line(monkeypatch, tiny_ckpt, trained_export, capsys):
     from slm_export.cli import export as cli
 
-    monkeypatch.setattr(executorch, "problem", lambda: "the executorch package is not installed (test)")
+    monkeypatch.setattr(runtime_et, "problem", lambda: "the executorch package is not installed (test)")
     assert cli.main(["--checkpoint", tiny_ckpt, "--format", "executorch"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --format executorch needs ExecuTorch: the executorch package is not installed (test)")

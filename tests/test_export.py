@@ -60,7 +60,7 @@ def eager_kv(model, ids, past, mask):
 
 
 def test_default_export_writes_verified_files(export_dir, trained_ckpt, trained_model):
-    from slm_export.export import executorch
+    from slm_export.runtime import executorch
 
     names = {"model.onnx", "onnx", "model.ts", "model_kv.ts", "manifest.json",
              *(f"model.{v}.onnx" for v in VARIANTS), *(["model_kv.pt2"] if AOTI else []),

@@ -90,14 +90,16 @@ def main(argv=None) -> int:
 
 def _available(formats: tuple[str, ...], device=None) -> tuple[str, ...]:
     """``formats`` without aoti where it cannot be compiled here for ``device`` (a C++
-    compiler; for CUDA, the CUDA toolkit too), saying so in one line."""
+    compiler; for CUDA, the CUDA toolkit too) and without executorch where its package is
+    missing, saying so in one line."""
     from slm_export.export import executorch
     from slm_export.export.aoti import compiler_problem, cuda_toolkit_problem
+    from slm_export.runtime.executorch import problem as executorch_problem
 
     problem = compiler_problem()
     if problem is None and device is not None and device.type == "cuda":
         problem = cuda_toolkit_problem()
-    problems = {"aoti": (problem, "model_kv.pt2"), "executorch": (executorch.problem(), executorch.FILE)}
+    problems = {"aoti": (problem, "model_kv.pt2"), "executorch": (executorch_problem(), executorch.FILE)}
     for name, (reason, file) in problems.items():
         if reason is not None and name in formats:
             print(f"skipping {name} ({file}): {reason}", flush=True)

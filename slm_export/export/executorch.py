@@ -31,7 +31,8 @@ from slm_export.artifacts.files import atomic_write
 from slm_export.artifacts.manifest import Provenance
 from slm_export.errors import SlmError, first_line
 from slm_export.export.signatures import StaticKVModule, static_kv_inputs
-from slm_export.runtime.executorch import METADATA_METHOD, problem, quiet
+from slm_export.runtime import executorch as runtime_et
+from slm_export.runtime.executorch import METADATA_METHOD, quiet
 
 FILE = "model_kv.pte"
 VARIANTS = ("fp32", "int8")  # what this format writes: fp32 always, int8 where asked
@@ -46,7 +47,8 @@ def file_name(variant: str) -> str:
 
 
 def require() -> None:
-    if reason := problem():
+    """Raise unless ExecuTorch is installed (``runtime/executorch.py``'s ``problem``)."""
+    if reason := runtime_et.problem():
         raise SlmError(f"--format executorch needs ExecuTorch: {reason}")
 
 

@@ -15,6 +15,8 @@ import importlib.util
 import json
 import logging
 import os
+import sys
+import tempfile
 import warnings
 
 import torch
@@ -51,6 +53,25 @@ def quiet():
             logging.getLogger(n).setLevel(level)
 
 
+@contextlib.contextmanager
+def native_stderr():
+    """ExecuTorch's C++ runtime logs CPU probing to file descriptor 2 when a method loads (one
+    line per /sys file it cannot read): hold that output, and hand it over (the yielded list
+    gets its lines) so a failed load can name its cause."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines += held.read().decode(errors="replace").splitlines()
+
+
 class ExecutorchBackend(Cached):
     name = "executorch"
     always_mask = True
@@ -62,14 +83,16 @@ class ExecutorchBackend(Cached):
         if reason := problem():
             raise SlmError(f"backend executorch: {reason}")
         try:
-            with quiet():
+            with quiet(), native_stderr() as log:
                 from executorch.runtime import Runtime
 
                 program = Runtime.get().load_program(str(path))
                 self.method = program.load_method("forward")
                 self.metadata = json.loads(program.load_method(METADATA_METHOD).execute([])[0])
         except Exception as e:  # ExecuTorch raises RuntimeError / ValueError with long texts
-            raise SlmError(f"cannot load ExecuTorch program {path} ({first_line(e, 120)})") from None
+            cause = next((line for line in reversed(log) if "rror" in line), "")
+            raise SlmError(f"cannot load ExecuTorch program {path} ({first_line(e, 120)})"
+                           + (f": {first_line(cause, 120)}" if cause else "")) from None
         self._positions = torch.arange(config.block_size)
         c = config
         self._pool = WindowPool(lambda B: tuple(torch.zeros(B, c.n_head, c.block_size, c.head_dim)
