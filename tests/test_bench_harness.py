@@ -202,6 +202,21 @@ def test_serving_table_has_one_row_per_server_and_concurrency(tmp_path):
     assert lines[3].split("|")[3].strip() == "16"
 
 
+def test_charts_draw_one_series_per_backend_and_variant(tmp_path):
+    from slm_export.benchmark import plots
+
+    serve = {"ttft_p95_ms": 9.0, "itl_p50_ms": 2.0, "itl_p95_ms": 4.5, "failed": 0}
+    rows = [*(_row("ort", 100.0 * c, batch=c, scenario="serve", extra={**serve, "clients": c})
+              for c in (1, 4, 16)),
+            *(_row("ort", 100.0 * b, batch=b, new_tokens=124, variant="int8") for b in (1, 8, 32))]
+    data = plots.chart_data(_doc(tmp_path, rows))
+    assert data["serving"]["series"] == {"ort": {c: {"tokens_per_s": 100.0 * int(c), "itl_p95_ms": 4.5}
+                                                 for c in ("1", "4", "16")}}
+    assert data["decode"]["series"] == {"ort int8": {"1": 100.0, "8": 800.0, "32": 3200.0}}
+    assert [p.name for p in plots.draw(_doc(tmp_path, rows), tmp_path / "charts")] == [
+        "decode.png", "serving.png", "charts.json"]
+
+
 @pytest.mark.parametrize("page", ["bench/RESULTS.md", "README.md"])
 def test_published_tables_and_charts_are_regenerated_from_committed_results(page):
     """Every table between <!-- NAME: FILE --> and <!-- end --> is what ``python bench/report.py``

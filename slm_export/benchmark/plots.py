@@ -62,7 +62,7 @@ def chart_data(doc: dict[str, Any]) -> dict[str, dict]:
     for r in rows:
         if r.get("scenario") == "serve":
             point = {"tokens_per_s": round(r["tokens_per_s"], 1), "itl_p95_ms": r.get("itl_p95_ms")}
-            serve.setdefault(label({**r, "batch": 1}), {})[str(r["batch"])] = point
+            serve.setdefault(label({**r, "batch": 1, "clients": None}), {})[str(r["batch"])] = point
     if serve:
         out["serving"] = {"series": serve}
     return out
@@ -106,7 +106,7 @@ def _figure(title: str, caption: str):
 
     fig, ax = plt.subplots(figsize=(10, 5.2), constrained_layout=True)
     ax.set_title(title)
-    fig.text(0.01, 0.005, caption, fontsize=8, color="0.35")
+    fig.supxlabel(caption, x=0.01, ha="left", fontsize=8, color="0.35")  # laid out below the axes
     return fig, ax
 
 
@@ -127,7 +127,7 @@ def _decode(data, caption, path):
             ax.axhline(ceiling * int(group), ls="--", lw=1, color=f"C{i}")
             ax.annotate(f"fp32 roofline, batch {group}", (len(data["series"]) - 0.5, ceiling * int(group)),
                         fontsize=8, va="bottom", ha="right")
-    ax.legend(title="batch")
+    ax.legend(title="batch", loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars
     _save(fig, path)
 
 
@@ -136,14 +136,14 @@ def _speculative(data, caption, path):
     drafters = sorted({d for s in data["series"].values() for d in s})
     _bars(ax, data["series"], drafters, "x plain greedy tokens/s")
     ax.axhline(1.0, color="0.3", lw=1)
-    ax.legend(title="drafter")
+    ax.legend(title="drafter", loc="upper left", bbox_to_anchor=(1, 1))
     _save(fig, path)
 
 
 def _ttft(data, caption, path):
     fig, ax = _figure("Time to first token (prefill + first sample)", caption)
     _bars(ax, data["series"], sorted({p for s in data["series"].values() for p in s}, key=int), "ms")
-    ax.legend(title="prompt tokens")
+    ax.legend(title="prompt tokens", loc="upper left", bbox_to_anchor=(1, 1))
     _save(fig, path)
 
 
@@ -152,7 +152,7 @@ def _serving(data, caption, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     fig.suptitle("slm-serve under load: C concurrent streaming clients")
-    fig.text(0.01, 0.005, caption, fontsize=8, color="0.35")
+    fig.supxlabel(caption, x=0.01, ha="left", fontsize=8, color="0.35")  # laid out below the axes
     for name, points in data["series"].items():
         cs = sorted(points, key=int)
         left.plot([int(c) for c in cs], [points[c]["tokens_per_s"] for c in cs], marker="o", label=name)
