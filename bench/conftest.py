@@ -75,6 +75,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-refresh", action="store_true", help="train and export the cached model again")
     g.addoption("--bench-results", default=str(ARTIFACTS / "results.json"),
                 help="where to write the results JSON")
+    g.addoption("--bench-charts", default=str(ARTIFACTS / "charts"),
+                help="where to draw the run's charts (python -m slm_export.benchmark FILE --plot DIR)")
 
 
 def case_id(backend: str, variant: str) -> str:
@@ -342,3 +344,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if doc["comparisons"]:
         console.print("paired comparisons (interleaved rounds):\n" + bm.comparisons_table(doc))
     console.print(f"results written to {os.fspath(path)}")
+    from slm_export.benchmark import plots
+
+    charts = plots.draw(doc, config.getoption("--bench-charts"))
+    console.print(f"charts drawn in {config.getoption('--bench-charts')}: "
+                  + ", ".join(c.name for c in charts if c.suffix == ".png"))
