@@ -145,6 +145,18 @@ def greedy_lockstep(reference, backend, prompts, *, max_new_tokens: int, overflo
 
 
 @pytest.fixture(scope="session")
+def prompt_ids() -> list[list[int]]:
+    """Ten story openings of different lengths, as token ids."""
+    from slm_export.tokenizer import encode
+
+    return [encode(p) for p in ("Once upon a time", "The little dog",
+                                "Lily and Tom went to the park to play with a big red ball.", "One day,",
+                                "Mom said",
+                                "There was a tiny frog who lived in a pond near a very old tree. He liked",
+                                "The sun", "Tim was sad because", "A", "In the forest there was a bear.")]
+
+
+@pytest.fixture(scope="session")
 def lockstep():
     """``greedy_lockstep``: tie-aware greedy parity of a backend with a reference."""
     return greedy_lockstep

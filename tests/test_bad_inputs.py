@@ -266,3 +266,20 @@ def test_bad_input_row(row, good, tmp_path):
     else:
         assert r.stdout.strip() and len(r.stdout) > 200
     assert snapshot(good["run"], good["data"]) == before, "a good file changed"
+
+
+@pytest.mark.parametrize("module, argv, needle", [
+    ("slm_export.serve.cli", ["--model", "m", "--port", "70000"], "--port: must be 0..65535, got 70000"),
+    ("slm_export.serve.cli", ["--model", "m", "--max-batch", "x"], "invalid positive_int value: 'x'"),
+    ("slm_export.cli.generate", ["--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+    ("slm_export.cli.generate", ["--presence-penalty", "3"], "must be in [-2, 2], got 3"),
+    ("slm_export.cli.generate", ["--seed", "-1"], "--seed: must be in [0, 2**63), got -1"),
+    ("slm_export.cli.export", ["--min-top1", "1.5"], "must be in [0, 1], got 1.5"),
+])
+def test_a_number_out_of_its_range_is_one_line_naming_the_flag(module, argv, needle, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err, err

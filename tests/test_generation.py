@@ -21,19 +21,10 @@ from slm_export.runtime import (
 from slm_export.runtime.base import left_pad
 from slm_export.tokenizer import EOT_ID, encode
 
-PROMPTS = [
-    "Once upon a time",
-    "The little dog",
-    "Lily and Tom went to the park to play with a big red ball.",
-    "One day,",
-    "Mom said",
-    "There was a tiny frog who lived in a pond near a very old tree. He liked",
-]
-
 
 @pytest.fixture(scope="module")
-def rows():
-    return [encode(p) for p in PROMPTS]
+def rows(prompt_ids):
+    return prompt_ids[:6]
 
 
 @pytest.fixture(scope="module")

@@ -19,39 +19,30 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _number(name: str, cast, ok, rule: str):
+    """An argparse type: the text as ``cast`` (int or float) that ``ok`` accepts, else the one-line
+    error "must be RULE, got TEXT" (a text ``cast`` rejects gets argparse's "invalid NAME value")."""
+
+    def parse(text: str):
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+positive_int = _number("positive_int", int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number("non_negative_int", int, lambda v: v >= 0, ">= 0")
+seed = _number("seed", int, lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+port = _number("port", int, lambda v: 0 <= v <= 65535, "0..65535")
+positive_float = _number("positive_float", float, lambda v: v > 0, "> 0")
+non_negative_float = _number("non_negative_float", float, lambda v: v >= 0, ">= 0")
+fraction = _number("fraction", float, lambda v: 0 < v < 1, "between 0 and 1")
+unit_interval = _number("unit_interval", float, lambda v: 0 <= v <= 1, "in [0, 1]")  # a share
+probability = _number("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")  # --top-p
+penalty = _number("penalty", float, lambda v: -2 <= v <= 2, "in [-2, 2]")  # as OpenAI's API takes them
 
 
 def entry_point(main):
@@ -78,13 +69,6 @@ def entry_point(main):
     return wrapper
 
 
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def device(text: str) -> str:
     """--device: auto, cpu, cuda or cuda:N (whether that device exists is checked at run time)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
@@ -92,28 +76,23 @@ def device(text: str) -> str:
     return text
 
 
-def unit_interval(text: str) -> float:
-    """A value in [0, 1] (a share that may be all or nothing)."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def add_runtime_args(p: argparse.ArgumentParser, default_backend: str) -> None:
+    """--backend, --variant and --device, as every command that runs a model takes them."""
+    from slm_export.registry import BACKENDS, NAMES, VARIANTS
 
-
-def probability(text: str) -> float:
-    """A value in (0, 1] (--top-p)."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def penalty(text: str) -> float:
-    """--presence-penalty / --frequency-penalty: in [-2, 2], as OpenAI's API takes them."""
-    value = float(text)
-    if not -2 <= value <= 2:
-        raise argparse.ArgumentTypeError(f"must be in [-2, 2], got {text}")
-    return value
+    from_checkpoint = "/".join(s.name for s in BACKENDS.values() if s.from_checkpoint)
+    from_export = "/".join(s.name for s in BACKENDS.values() if not s.from_checkpoint)
+    reduced = "; ".join(f"{s.name}: {', '.join(s.variants)}" for s in BACKENDS.values()
+                        if len(s.variants) > 1)
+    p.add_argument("--backend", choices=NAMES, default=default_backend,
+                   help=f"{from_checkpoint} run a checkpoint; {from_export} an export folder "
+                        f"(default {default_backend})")
+    p.add_argument("--variant", choices=VARIANTS, default="fp32",
+                   help=f"the file's variant, as export.py --quantize / --dtype wrote it ({reduced}; "
+                        "every other backend fp32; default fp32)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto, cpu, cuda or cuda:N (default auto: cuda when available and usable "
+                        "by the backend, else cpu)")
 
 
 def logit_bias(text: str) -> tuple[int, float]:

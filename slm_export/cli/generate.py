@@ -8,7 +8,7 @@ from pathlib import Path
 
 from slm_export.cli.common import (
     ArgumentParser,
-    device,
+    add_runtime_args,
     entry_point,
     logit_bias,
     non_negative_float,
@@ -30,9 +30,7 @@ def build_parser() -> ArgumentParser:
     from slm_export.runtime import OVERFLOW_POLICIES
 
     p = ArgumentParser(prog="generate.py", description=__doc__)
-    p.add_argument("--backend", choices=NAMES, default="eager",
-                   help="eager/compiled/naive run a checkpoint; torchscript/ort/aoti/executorch "
-                        "an export folder (default eager)")
+    add_runtime_args(p, default_backend="eager")
     p.add_argument("--model", type=Path, default=None,
                    help=f"checkpoint file, run folder or export folder (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
@@ -53,15 +51,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print token by token (default: when stdout is a terminal)")
-    p.add_argument("--device", type=device, default="auto",
-                   help="auto, cpu, cuda or cuda:N (default auto: cuda when available and usable "
-                        "by the backend, else cpu)")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="rebase",
                    help="past the context window: re-prefill the last half (rebase) or "
                         "recompute the last block_size tokens every step (slide); default rebase")
-    p.add_argument("--variant", choices=VARIANTS, default="fp32",
-                   help="the file's variant, as export.py --quantize int8|int4 / --dtype fp16 "
-                        "wrote it: ort serves every one, executorch fp32 and int8 (default fp32)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample before the first occurrence of TEXT (repeatable, up to 4)")
     _add_control_args(p)

@@ -245,6 +245,20 @@ def stack_kv(parts: list, length: int) -> tuple:
                  for i in range(len(parts[0][0])))
 
 
+class FunctionalCached(Cached):
+    """``Cached`` over a functional cache: a tuple of (B, nh, P, hs) tensors that a forward
+    grows by concatenation, so rewinding slices, taking rows indexes and stacking pads."""
+
+    def _rewind(self, kv, length):
+        return tuple(t[:, :, :length] for t in kv)
+
+    def _take(self, kv, rows, start, length, mask):
+        return take_kv(kv, rows, start, length)
+
+    def _stack(self, parts, length, mask):
+        return stack_kv(parts, length)
+
+
 class Window:
     """A static cache's ``cache``: one generation's preallocated windows (2 * n_layer tensors
     (capacity, nh, block_size, hs)) for its first ``rows`` rows, lent by a ``WindowPool``."""

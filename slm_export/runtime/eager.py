@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from slm_export.model import GPT, blocked_head, empty_kv
-from slm_export.runtime.base import Cached, stack_kv, take_kv
+from slm_export.runtime.base import FunctionalCached
 
 
-class EagerBackend(Cached):
+class EagerBackend(FunctionalCached):
     name = "eager"
 
     def __init__(self, model: GPT):
@@ -35,12 +35,3 @@ class EagerBackend(Cached):
         logits, kv = self.model.forward_kv(rows, state.cache, mask,
                                            logits_to_keep=rows.size(1) if every else 1)
         return logits.float(), kv
-
-    def _rewind(self, kv, length):
-        return tuple(t[:, :, :length] for t in kv)
-
-    def _take(self, kv, rows, start, length, mask):
-        return take_kv(kv, rows, start, length)
-
-    def _stack(self, parts, length, mask):
-        return stack_kv(parts, length)

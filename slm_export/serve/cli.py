@@ -13,20 +13,22 @@ import sys
 import time
 from pathlib import Path
 
-from slm_export.cli.common import ArgumentParser, device, entry_point, positive_float, positive_int
+from slm_export.cli.common import (
+    ArgumentParser,
+    add_runtime_args,
+    entry_point,
+    port,
+    positive_float,
+    positive_int,
+)
 from slm_export.errors import SlmError
 
 
 def build_parser() -> ArgumentParser:
-    from slm_export.registry import NAMES, VARIANTS
-
     p = ArgumentParser(prog="slm-serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True,
                    help="an export folder, a run folder (best.pt + export/) or a checkpoint")
-    p.add_argument("--backend", choices=NAMES, default="ort", help="the runtime that serves (default ort)")
-    p.add_argument("--variant", choices=VARIANTS, default="fp32", help="ONNX variant for ort (default fp32)")
-    p.add_argument("--device", type=device, default="auto",
-                   help="auto, cpu, cuda or cuda:N (default auto: cuda when usable, else cpu)")
+    add_runtime_args(p, default_backend="ort")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: a free one)")
     p.add_argument("--max-batch", type=positive_int, default=16,
@@ -46,15 +48,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--shutdown-grace", type=positive_float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM (default 10)")
     return p
-
-
-def port(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
-    return value
 
 
 def load(args):
