@@ -127,6 +127,7 @@ class Bench:
     wanted: set | None = None  # --bench-backends as (backend, variant) pairs; None: all
     engines: bool = False  # --bench-engines
     mem: bm.RssPeak = field(default_factory=bm.RssPeak)
+    commit: str | None = field(default_factory=bm.git_commit)  # the code measured, at the start
     results: list[bm.Result] = field(default_factory=list)
     comparisons: list[bm.Comparison] = field(default_factory=list)
     _backends: dict = field(default_factory=dict)
@@ -165,7 +166,8 @@ class Bench:
         """The results file with every row and comparison so far (after each test: a killed
         run keeps them)."""
         ceiling = bm.roofline_tokens_per_s(self.bandwidth, self.config)
-        return bm.write_results(path, bm.machine_info(self.threads), self.results, self.comparisons, extra={
+        machine = bm.machine_info(self.threads, self.commit)
+        return bm.write_results(path, machine, self.results, self.comparisons, extra={
             "bandwidth_gb_s": round(self.bandwidth / 1e9, 2),
             "roofline_tokens_per_s_fp32_batch1": round(ceiling, 1),
             "model": str(self.model_dir), "preset": self.preset,

@@ -11,6 +11,7 @@ same load on the GGUF of the same weights.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -38,8 +39,8 @@ class Load:
     reading the stream; keeps the last run's per-request first-token times and inter-chunk
     gaps (every run's tokens are the same: greedy, the same prompts)."""
 
-    def __init__(self, url: str, clients: int, model: str | None = None):
-        self.url, self.clients, self.model = url, clients, model
+    def __init__(self, url: str, clients: int, model: str | None = None, usage: bool = True):
+        self.url, self.clients, self.model, self.usage = url, clients, model, usage
         self.ttft, self.itl, self.tokens, self.failed = [], [], 0, 0
         self.failed_runs = 0  # runs with a failed request, over every call
 
@@ -55,6 +56,8 @@ class Load:
                             "temperature": 0, "stream": True}
                     if self.model:
                         body["model"] = self.model
+                    if self.usage:  # tokens as the server counts them (a request may end early)
+                        body["stream_options"] = {"include_usage": True}
                     result = self._one(http, body)
                     with lock:
                         if result is None:
@@ -74,21 +77,26 @@ class Load:
 
     @staticmethod
     def _one(http, body) -> tuple[float, list[float], int] | None:
-        """(time to first text, gaps between text chunks, chunks) of one streamed request."""
-        start, last, first, gaps, n, done = time.perf_counter(), None, None, [], 0, False
+        """(time to first text, gaps between text chunks, tokens) of one streamed request:
+        tokens from the usage chunk where the server sends one, else the text chunks."""
+        start, last, first, gaps, n, usage, done = time.perf_counter(), None, None, [], 0, None, False
         with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 return None
             for line in r.iter_lines():
                 if line == "data: [DONE]":
                     done = True
-                elif line.startswith("data: ") and '"text": ""' not in line and '"text":""' not in line:
-                    now = time.perf_counter()
-                    first = first if first is not None else now - start
-                    if last is not None:
-                        gaps.append(now - last)
-                    last, n = now, n + 1
-        return (first, gaps, n) if done and first is not None else None
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[len("data: "):])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]["completion_tokens"]
+                    if any(choice.get("text") for choice in chunk.get("choices", ())):
+                        now = time.perf_counter()
+                        first = first if first is not None else now - start
+                        if last is not None:
+                            gaps.append(now - last)
+                        last, n = now, n + 1
+        return (first, gaps, n if usage is None else usage) if done and first is not None else None
 
 
 def _row(bench, backend: str, variant: str, load: Load, seconds: list[float]) -> bm.Result:
@@ -129,10 +137,9 @@ def test_serving(benchmark, bench, name, variant):
     for c, load in loads.items():
         assert load.failed_runs == 0, f"failed requests at C={c}"
         bench.results.append(_row(bench, name, variant, load, timed.seconds[f"C={c}"]))
-    per_run = NEW_TOKENS * REQUESTS_PER_CLIENT
-    bench.comparisons.append(bm.Comparison("serve", "C=16", "C=1", {
+    bench.comparisons.append(bm.Comparison("serve", "C=16", "C=1", {  # greedy: every run's tokens alike
         f"C={c}": {"backend": name, "variant": variant, "batch": 1, "clients": c,
-                   "tokens": per_run * c, "seconds": timed.seconds[f"C={c}"]} for c in (16, 1)}))
+                   "tokens": loads[c].tokens, "seconds": timed.seconds[f"C={c}"]} for c in (16, 1)}))
 
 
 def test_llama_cpp_server(benchmark, bench):
@@ -162,7 +169,7 @@ def test_llama_cpp_server(benchmark, bench):
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        load = Load(url, 16, model=str(gguf))
+        load = Load(url, 16, model=str(gguf), usage=False)  # its one-token chunks count
         timed = bm.interleaved({"C=16": load}, rounds=bench.rounds, benchmark=benchmark, primary="C=16")
     finally:
         proc.terminate()

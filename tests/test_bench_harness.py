@@ -144,6 +144,8 @@ def test_results_file_has_the_names_other_tools_read(tmp_path):
     assert doc["results"][2]["compile_s"] == 12.5
     assert doc["comparisons"][0]["candidates"]["naive"]["seconds"] == [2.5, 2.4]  # raw, kept
     assert bm.find_gain(doc, "vs naive", backend="eager") == pytest.approx((2.5 + 2.4 / 1.1) / 2)
+    # the commit read when the run started, not when it rewrites its (tracked) results file
+    assert bm.machine_info(threads=2, commit="abc123")["commit"] == "abc123"
 
 
 @pytest.mark.parametrize("damage,match", [

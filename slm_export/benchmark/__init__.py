@@ -39,6 +39,7 @@ from slm_export.benchmark.results import (
     Result,
     check_results,
     comparison_gain,
+    git_commit,
     load_results,
     machine_info,
     write_results,
@@ -47,7 +48,7 @@ from slm_export.benchmark.results import (
 __all__ = [
     "RESULT_FIELDS", "SETTLE_S", "TABLES", "WEIGHT_BYTES", "Comparison", "Result", "Rounds",
     "RssPeak", "bytes_per_decode_step", "check_results", "comparison_gain", "comparisons_table",
-    "cuda_used_mb", "decode_weight_params", "find_gain", "gain", "interleaved", "load_results",
+    "cuda_used_mb", "decode_weight_params", "find_gain", "gain", "git_commit", "interleaved", "load_results",
     "machine_info", "markdown_table", "measure_read_bandwidth", "order", "regenerate",
     "results_table", "roofline_pct", "roofline_tokens_per_s", "serving_table", "spread",
     "summary_table", "sync",

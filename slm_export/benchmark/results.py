@@ -66,10 +66,12 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, commit: str | None = None) -> dict[str, Any]:
+    """Where a run ran. ``commit``: the code measured, read when the run started (default: now;
+    a run that rewrites a tracked results file would otherwise call its own checkout dirty)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "commit": git_commit(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
+        "commit": commit or git_commit(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
         "gpu": gpu, "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
         "onnx": _version("onnx"), "python": platform.python_version(),
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
