@@ -333,7 +333,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from rich.console import Console
 
     b = _BENCH
-    machine = bm.machine_info(b.threads)
+    machine = bm.machine_info(b.threads, b.commit)
     ceiling = bm.roofline_tokens_per_s(b.bandwidth, b.config)
     path = b.write(config.getoption("--bench-results"))
     doc = bm.load_results(path)

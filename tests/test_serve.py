@@ -64,13 +64,14 @@ def test_plain_streaming_n_and_stop_through_the_openai_client(client, trained_ex
                                             stream=True, model=plain.model, logit_bias=NO_EOT))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 20
-    # usage on a stream (the bench counts tokens by it): what the whole answer reports, also
-    # when the story ends before max_tokens
+    # usage on a stream (the bench counts tokens by it): what the whole answer reports, which
+    # counts the tokens generated, fewer than max_tokens where the story ended first
     whole = client.completions.create(prompt=PROMPTS[1], max_tokens=120, temperature=0, model=plain.model)
     counted = list(client.completions.create(prompt=PROMPTS[1], max_tokens=120, temperature=0, stream=True,
                                              stream_options={"include_usage": True}, model=plain.model))
     assert not counted[-1].choices and counted[-1].usage == whole.usage  # usage: the last chunk
     assert "".join(c.choices[0].text for c in counted[:-1]) == whole.choices[0].text
+    assert (whole.usage.completion_tokens < 120) == (whole.choices[0].finish_reason == "stop")
     stop = want.split()[5]  # a word of the greedy text: the answer ends just before it
     cut = client.completions.create(prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop, "zz"],
                                     model=plain.model, logit_bias=NO_EOT)
